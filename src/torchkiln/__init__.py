@@ -1,0 +1,63 @@
+"""torchkiln: make PyTorch models train faster, run faster and take less memory, and measure it.
+
+Public names are imported lazily so that ``import torchkiln`` and ``kiln --help`` stay fast.
+
+>>> import torchkiln as tk
+>>> "gpt-tiny" in tk.list_models()
+True
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    # zoo
+    "create_model": "torchkiln.zoo",
+    "list_models": "torchkiln.zoo",
+    "register_model": "torchkiln.zoo",
+    "create_dataset": "torchkiln.zoo",
+    "list_datasets": "torchkiln.zoo",
+    "register_dataset": "torchkiln.zoo",
+    "load_reference": "torchkiln.zoo",
+    # recipe
+    "Recipe": "torchkiln.recipe",
+    "TrainConfig": "torchkiln.recipe",
+    "load_recipe": "torchkiln.recipe",
+    # train
+    "fit": "torchkiln.train",
+    "evaluate": "torchkiln.train",
+    "FitResult": "torchkiln.train",
+    "lr_at": "torchkiln.train",
+    "apply_activation_checkpointing": "torchkiln.train",
+    "build_optimizer": "torchkiln.train",
+    "load_checkpoint": "torchkiln.train",
+    # measure
+    "collect_env": "torchkiln.measure",
+    "peak_flops": "torchkiln.measure",
+    "count_flops": "torchkiln.measure",
+    "saved_tensor_bytes": "torchkiln.measure",
+    # errors
+    "KilnError": "torchkiln.errors",
+    "RecipeError": "torchkiln.errors",
+    "UserCodeError": "torchkiln.errors",
+    "NonFiniteLossError": "torchkiln.errors",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'torchkiln' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,63 @@
+"""Entry point of ``kiln``. Commands import torch lazily so ``kiln --help`` stays fast."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from torchkiln import __version__
+
+app = typer.Typer(
+    name="kiln",
+    help="torchkiln: train faster, run faster, use less memory -- and measure every claim.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"torchkiln {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """torchkiln: train faster, run faster, use less memory -- and measure every claim."""
+
+
+def _register() -> None:
+    from torchkiln.cli import demo as _demo
+    from torchkiln.cli import env as _env
+    from torchkiln.cli import train as _train
+    from torchkiln.cli import zoo as _zoo
+
+    for module in (_train, _demo, _env, _zoo):
+        module.register(app)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run ``kiln``; torchkiln's own errors print as one clear message with exit code 2."""
+    from torchkiln.errors import KilnError
+
+    try:
+        app(args=argv, standalone_mode=True)
+    except KilnError as exc:  # pragma: no cover - exercised through the CLI tests
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, markup=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

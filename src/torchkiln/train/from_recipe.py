@@ -1,0 +1,94 @@
+"""Build a recipe's model and data from the zoo and train it: what ``kiln train`` runs.
+
+Model arguments the recipe leaves out are filled from the dataset where the model accepts them
+(``num_classes``, ``vocab_size``, ``seq_len``, ``in_features``, ``in_channels``), so a recipe need
+not repeat what the data already says.
+
+>>> from torchkiln.recipe import validate_recipe
+>>> r = validate_recipe({"model": {"name": "mlp"}, "data": {"name": "digits"}})
+>>> model, train, val, filled = build_from_recipe(r)
+>>> filled
+{'in_features': 64, 'num_classes': 10}
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchkiln.recipe import Recipe
+from torchkiln.train.loop import FitResult, _seed_everything, fit
+
+
+def _accepted_args(name: str) -> set[str]:
+    from torchkiln.zoo.registry import MODELS
+
+    factory, _ = MODELS.resolve(name)
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in params.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def infer_model_args(model_name: str, given: dict[str, Any], dataset: Any) -> dict[str, Any]:
+    """Arguments the dataset can supply and the model accepts but the recipe did not set."""
+    accepted = _accepted_args(model_name)
+    shape = tuple(getattr(dataset, "input_shape", ()) or ())
+    offers: dict[str, Any] = {}
+    if getattr(dataset, "num_classes", None):
+        offers["num_classes"] = int(dataset.num_classes)
+    if getattr(dataset, "vocab_size", None):
+        offers["vocab_size"] = int(dataset.vocab_size)
+    if getattr(dataset, "task", None) == "lm" and shape:
+        offers["seq_len"] = int(shape[0])
+    elif shape:
+        offers["in_features"] = int(math.prod(shape))
+        if len(shape) == 3:
+            offers["in_channels"] = int(shape[0])
+    return {k: v for k, v in sorted(offers.items()) if k in accepted and k not in given}
+
+
+def build_from_recipe(recipe: Recipe) -> tuple[nn.Module, Any, Any, dict[str, Any]]:
+    """``(model, train_data, val_data or None, filled model args)`` for a validated recipe."""
+    from torchkiln.zoo import create_dataset, create_model
+
+    train = create_dataset(recipe.data.name, "train", **recipe.data.args)
+    val = None
+    if recipe.data.val_split != "none":
+        val = create_dataset(recipe.data.name, recipe.data.val_split, **recipe.data.args)
+    filled = infer_model_args(recipe.model.name, recipe.model.args, train)
+    model = create_model(recipe.model.name, **{**filled, **recipe.model.args})
+    return model, train, val, filled
+
+
+def train_recipe(
+    recipe: Recipe, *, resume: str | Path | None = None, out_dir: str | Path | None = None, **overrides: Any
+) -> FitResult:
+    """Seed, build the recipe's model and data, and :func:`fit` them; the run goes to ``out_dir``
+    (default ``runs/<recipe name>``)."""
+    cfg = recipe.train
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    _seed_everything(cfg.seed)  # model initialization is part of the recipe's reproducibility
+    model, train, val, _ = build_from_recipe(recipe)
+    out = out_dir or cfg.out_dir or str(Path("runs") / (recipe.name or "run"))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "recipe.json").write_text(recipe.model_dump_json(indent=2), encoding="utf-8")
+    return fit(
+        model,
+        train,
+        val,
+        config=cfg,
+        batch_size=recipe.data.batch_size,
+        eval_batch_size=recipe.data.eval_batch_size,
+        num_workers=recipe.data.num_workers,
+        resume=resume,
+        out_dir=str(out),
+        **overrides,
+    )
