@@ -162,7 +162,9 @@ class TrainConfig(_Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     accumulate: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    loss: str = Field("cross_entropy", description="cross_entropy | mse | model | package.module:fn | file.py:fn")
+    loss: str = Field(
+        "cross_entropy", description="cross_entropy | mse | model | package.module:fn | file.py:fn"
+    )
     loss_count: Literal["auto", "samples", "tokens"] = "auto"
     ignore_index: int = -100
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
@@ -170,9 +172,13 @@ class TrainConfig(_Strict):
     activation_checkpointing: CheckpointingConfig | None = None
     compile: CompileConfig | None = None
     channels_last: bool = False
+    sdpa_backend: Literal["auto", "default", "math", "flash", "efficient", "cudnn"] = Field(
+        "auto", description="scaled_dot_product_attention kernel; auto = math for bf16/fp16 on CPU"
+    )
     ema: EMAConfig | None = None
     early_stopping: EarlyStoppingConfig | None = None
     eval_every: int = Field(0, ge=0, description="optimizer steps between evaluations; 0 = each epoch")
+    eval_batches: int | None = Field(None, ge=1, description="evaluate on at most this many batches")
     max_nonfinite: int = Field(5, ge=1, description="stop after this many non-finite losses in a row")
     checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0 = epoch ends")
     keep_checkpoints: int = Field(2, ge=1)
@@ -313,7 +319,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
 
 
 def _normalize_sections(data: dict[str, Any]) -> dict[str, Any]:
-    """Accept the short forms ``compile = true``, ``ema = {decay=...}``, ``activation_checkpointing = true``."""
+    """Accept short forms: ``compile = true``, ``ema = false``, ``schedule = "cosine"``..."""
     train = data.get("train")
     if isinstance(train, dict):
         for key in ("compile", "activation_checkpointing", "ema"):

@@ -16,7 +16,9 @@ def make_case(arch: str, n: int = 48, seed: int = 0):
         model = create_model("mlp", in_features=12, hidden=(16, 16), num_classes=3)
         data = TensorDataset(torch.randn(n, 12, generator=g), torch.randint(0, 3, (n,), generator=g))
     elif arch == "cnn":
-        model = create_model("resnet-tiny", in_channels=2, num_classes=3, widths=(4, 8), blocks_per_stage=(1, 1))
+        model = create_model(
+            "resnet-tiny", in_channels=2, num_classes=3, widths=(4, 8), blocks_per_stage=(1, 1)
+        )
         data = TensorDataset(torch.randn(n, 2, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g))
     elif arch == "gpt":
         model = create_model("gpt-tiny", vocab_size=17, seq_len=8, n_layer=2, n_head=2, n_embd=16, bias=False)

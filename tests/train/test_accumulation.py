@@ -21,7 +21,9 @@ def _batchnorm_to_groupnorm(module):
 
 
 def _delta(model, before):
-    return {k: (v.float() - before[k].float()) for k, v in model.state_dict().items() if v.is_floating_point()}
+    return {
+        k: (v.float() - before[k].float()) for k, v in model.state_dict().items() if v.is_floating_point()
+    }
 
 
 def _one_step(model, loader, accumulate):

@@ -35,4 +35,5 @@ def test_fit_matches_hand_written_loop(arch, opt):
     result = fit(model, loader, epochs=2, progress="off", flops=False, **kwargs)
     assert result.steps == 2 * len(loader)
     for (name, p), q in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{arch}/{opt}: {name}: {m}")
+        msg = lambda m, n=name: f"{arch}/{opt}: {n}: {m}"
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=msg)

@@ -30,7 +30,9 @@ COMMON = {"epochs": 3, "lr": 3e-3, "progress": "off", "flops": False, "log_every
 
 def _model():
     torch.manual_seed(0)
-    return create_model("mlp", in_features=64, hidden=(32,), num_classes=10, dropout=0.3)  # dropout: RNG matters
+    return create_model(
+        "mlp", in_features=64, hidden=(32,), num_classes=10, dropout=0.3
+    )  # dropout: RNG matters
 
 
 @pytest.mark.parametrize("loader_kind", ["dataset", "user_loader"])
@@ -47,13 +49,27 @@ def test_resume_mid_epoch_reproduces_losses(tmp_path, loader_kind):
     assert full.steps == 3 * 7
 
     with pytest.raises(Crash):
-        fit(_model(), train_data(), batch_size=16, accumulate=2, out_dir=str(tmp_path / "b"),
-            callbacks=[_crash_at(11)], **COMMON)
+        fit(
+            _model(),
+            train_data(),
+            batch_size=16,
+            accumulate=2,
+            out_dir=str(tmp_path / "b"),
+            callbacks=[_crash_at(11)],
+            **COMMON,
+        )
     last = latest_checkpoint(tmp_path / "b")
     assert last is not None and last.name == "step-00000010.pt"  # mid-epoch 2 (steps 8..14)
 
-    resumed = fit(_model(), train_data(), batch_size=16, accumulate=2, out_dir=str(tmp_path / "b"),
-                  resume="auto", **COMMON)
+    resumed = fit(
+        _model(),
+        train_data(),
+        batch_size=16,
+        accumulate=2,
+        out_dir=str(tmp_path / "b"),
+        resume="auto",
+        **COMMON,
+    )
     assert resumed.steps == full.steps
     assert resumed.losses == pytest.approx(full.losses, rel=1e-6, abs=1e-7)
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
@@ -62,8 +78,17 @@ def test_resume_mid_epoch_reproduces_losses(tmp_path, loader_kind):
 
 def test_checkpoint_contents_and_weights_only(tmp_path):
     model, data = make_case("cnn")
-    fit(model, data, batch_size=8, epochs=1, precision="fp16", ema={"decay": 0.9}, out_dir=str(tmp_path),
-        progress="off", flops=False)
+    fit(
+        model,
+        data,
+        batch_size=8,
+        epochs=1,
+        precision="fp16",
+        ema={"decay": 0.9},
+        out_dir=str(tmp_path),
+        progress="off",
+        flops=False,
+    )
     path = latest_checkpoint(tmp_path)
     ckpt = torch.load(path, weights_only=True)  # must load without unpickling arbitrary objects
     assert {"model", "optimizer", "scaler", "ema", "state", "rng", "config"} <= set(ckpt)
@@ -75,8 +100,17 @@ def test_checkpoint_contents_and_weights_only(tmp_path):
 
 def test_keeps_only_the_newest_checkpoints(tmp_path):
     model, data = make_case("mlp")
-    fit(model, data, batch_size=4, epochs=1, checkpoint_every=2, keep_checkpoints=2, out_dir=str(tmp_path),
-        progress="off", flops=False)
+    fit(
+        model,
+        data,
+        batch_size=4,
+        epochs=1,
+        checkpoint_every=2,
+        keep_checkpoints=2,
+        out_dir=str(tmp_path),
+        progress="off",
+        flops=False,
+    )
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step-00000010.pt", "step-00000012.pt"]
 
@@ -106,8 +140,18 @@ def test_resume_into_a_different_model_names_the_keys(tmp_path):
 def test_compiled_model_saves_original_keys(tmp_path):
     model, data = make_case("mlp", n=16)
     keys = set(copy.deepcopy(model).state_dict())
-    fit(model, data, batch_size=8, epochs=1, compile={"mode": "default"}, out_dir=str(tmp_path),
-        progress="off", flops=False)
+    fit(
+        model,
+        data,
+        batch_size=8,
+        epochs=1,
+        compile={"mode": "default"},
+        out_dir=str(tmp_path),
+        progress="off",
+        flops=False,
+    )
     saved = torch.load(tmp_path / "model.pt", weights_only=True)
     assert set(saved) == keys
-    assert not any(k.startswith(("_orig_mod.", "module.")) for k in load_checkpoint(latest_checkpoint(tmp_path))["model"])
+    assert not any(
+        k.startswith(("_orig_mod.", "module.")) for k in load_checkpoint(latest_checkpoint(tmp_path))["model"]
+    )

@@ -48,7 +48,9 @@ def test_fit_steps_schedule_per_optimizer_step_not_micro_batch():
     data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
     model = torch.nn.Linear(4, 2)
     sched = {"name": "cosine_restarts", "warmup_steps": 2, "t0": 3, "t_mult": 2}
-    result = fit(model, data, batch_size=4, accumulate=4, epochs=2, schedule=sched, progress="off", flops=False)
+    result = fit(
+        model, data, batch_size=4, accumulate=4, epochs=2, schedule=sched, progress="off", flops=False
+    )
     assert result.steps == 8  # 16 micro-batches per epoch / 4
     cfg = ScheduleConfig(**sched)
     assert result.lrs == pytest.approx([lr_at(s, 1e-3, cfg) for s in range(8)])
@@ -65,8 +67,18 @@ def test_skipped_fp16_step_does_not_advance_schedule():
         return grad * float("inf") if calls["n"] == 2 else grad
 
     model.weight.register_hook(poison)
-    result = fit(model, data, batch_size=8, epochs=1, precision="fp16", schedule={"name": "cosine_restarts",
-                 "t0": 2}, optimizer="sgd", lr=0.1, progress="off", flops=False)
+    result = fit(
+        model,
+        data,
+        batch_size=8,
+        epochs=1,
+        precision="fp16",
+        schedule={"name": "cosine_restarts", "t0": 2},
+        optimizer="sgd",
+        lr=0.1,
+        progress="off",
+        flops=False,
+    )
     assert result.skipped_steps == 1
     assert result.steps == 5 and len(result.lrs) == 6
     cfg = ScheduleConfig(name="cosine_restarts", t0=2)

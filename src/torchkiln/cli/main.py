@@ -54,8 +54,10 @@ def main(argv: list[str] | None = None) -> None:
         app(args=argv, standalone_mode=True)
     except KilnError as exc:  # pragma: no cover - exercised through the CLI tests
         from rich.console import Console
+        from rich.text import Text
 
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, markup=False)
+        message = Text("error: ", style="bold red") + Text(str(exc))
+        Console(stderr=True, soft_wrap=True).print(message, highlight=False)
         sys.exit(2)
 
 

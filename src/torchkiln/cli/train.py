@@ -17,7 +17,9 @@ def register(app: typer.Typer) -> None:
         resume: str | None = typer.Option(
             None, "--resume", help="Checkpoint file, run directory, or 'auto' (newest in the run directory)."
         ),
-        out: Path | None = typer.Option(None, "--out", "-o", help="Run directory (default runs/<recipe name>)."),
+        out: Path | None = typer.Option(
+            None, "--out", "-o", help="Run directory (default runs/<recipe name>)."
+        ),
         check: bool = typer.Option(False, "--check", help="Validate the recipe and exit without training."),
     ) -> None:
         """Train a model from a recipe: mixed precision, accumulation, schedules, checkpoints, resume.
@@ -36,7 +38,9 @@ def register(app: typer.Typer) -> None:
             return
         from torchkiln.train.from_recipe import train_recipe
 
-        out_dir = out or (Path(rec.train.out_dir) if rec.train.out_dir else Path("runs") / (rec.name or "run"))
+        out_dir = out or (
+            Path(rec.train.out_dir) if rec.train.out_dir else Path("runs") / (rec.name or "run")
+        )
         console.print(
             f"[bold]kiln train[/] {recipe}  model={rec.model.name} data={rec.data.name} "
             f"precision={rec.train.precision} accumulate={rec.train.accumulate} -> {out_dir}"
@@ -56,7 +60,9 @@ def print_result(console, result) -> None:
         table.add_row("fp16 steps skipped (overflow)", f"{result.skipped_steps}")
     if result.nonfinite_losses:
         table.add_row("non-finite losses skipped", f"{result.nonfinite_losses}")
-    table.add_row("epochs completed", f"{result.epochs_completed}" + ("  (early stop)" if result.stopped_early else ""))
+    table.add_row(
+        "epochs completed", f"{result.epochs_completed}" + ("  (early stop)" if result.stopped_early else "")
+    )
     if result.losses:
         table.add_row("final train loss", f"{result.losses[-1]:.4f}")
     for key, value in result.val_metrics.items():

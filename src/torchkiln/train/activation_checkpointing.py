@@ -62,7 +62,9 @@ def _blocks_by_type(model: nn.Module, class_names: Sequence[str]) -> list[tuple[
 def _checkpointed_forward(module: nn.Module, *args, **kwargs):
     # A module-level function bound with functools.partial (not a bound method) so that deepcopy,
     # pickling and EMA copies of the model carry the wrapping over to the copy correctly.
-    return torch.utils.checkpoint.checkpoint(type(module).forward, module, *args, use_reentrant=False, **kwargs)
+    return torch.utils.checkpoint.checkpoint(
+        type(module).forward, module, *args, use_reentrant=False, **kwargs
+    )
 
 
 def apply_activation_checkpointing(
@@ -85,7 +87,9 @@ def apply_activation_checkpointing(
         if block.__dict__.get(_MARK):
             continue  # already wrapped
         if "forward" in block.__dict__:
-            raise ValueError(f"block {type(block).__name__} already has a per-instance forward; cannot wrap it")
+            raise ValueError(
+                f"block {type(block).__name__} already has a per-instance forward; cannot wrap it"
+            )
         block.forward = functools.partial(_checkpointed_forward, block)
         block.__dict__[_MARK] = True
     return chosen

@@ -42,7 +42,7 @@ from torchkiln.train.activation_checkpointing import (
 from torchkiln.train.loss import LossComputer, batch_sizes, move_to, output_logits
 from torchkiln.train.monitor import Monitor
 from torchkiln.train.optim import build_optimizer
-from torchkiln.train.precision import Precision
+from torchkiln.train.precision import Precision, sdpa_context
 from torchkiln.train.sampling import EpochBatchSampler
 from torchkiln.train.schedule import set_lr
 
@@ -75,8 +75,19 @@ class FitResult:
     out_dir: str | None = None
 
     def summary(self) -> dict[str, Any]:
-        keys = ("steps", "skipped_steps", "nonfinite_losses", "epochs_completed", "stopped_early", "train_time_s",
-                "samples_per_s", "tokens_per_s", "flops_per_step", "mfu", "last_checkpoint")
+        keys = (
+            "steps",
+            "skipped_steps",
+            "nonfinite_losses",
+            "epochs_completed",
+            "stopped_early",
+            "train_time_s",
+            "samples_per_s",
+            "tokens_per_s",
+            "flops_per_step",
+            "mfu",
+            "last_checkpoint",
+        )
         out = {k: getattr(self, k) for k in keys}
         out["final_loss"] = self.losses[-1] if self.losses else None
         out.update(self.val_metrics)
@@ -193,7 +204,7 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-# ---------------------------------------------------------------------------------------------------- evaluate
+# -------------------------------------------------------------------------------- evaluate
 
 
 @torch.no_grad()
@@ -217,8 +228,11 @@ def evaluate(
     ['val_accuracy', 'val_items', 'val_loss']
     """
     first_param = next(iter(model.parameters()), None)
-    dev = torch.device(device) if device is not None else (first_param.device if first_param is not None
-                                                             else torch.device("cpu"))
+    dev = (
+        torch.device(device)
+        if device is not None
+        else (first_param.device if first_param is not None else torch.device("cpu"))
+    )
     computer = LossComputer(loss, ignore_index=ignore_index, model=model)
     prec = Precision(precision, dev.type)
     loader = make_loader(data, batch_size=batch_size, shuffle=False, seed=0)
@@ -325,12 +339,25 @@ def fit(
     optimizer = build_optimizer(original, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
     precision = Precision(cfg.precision, device.type)
     pin = device.type == "cuda"
-    loader = make_loader(train_data, batch_size=batch_size, shuffle=True, seed=cfg.seed, num_workers=num_workers,
-                         pin_memory=pin, collate_fn=collate_fn)
+    loader = make_loader(
+        train_data,
+        batch_size=batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+        num_workers=num_workers,
+        pin_memory=pin,
+        collate_fn=collate_fn,
+    )
     val_loader = None
     if val_data is not None:
-        val_loader = make_loader(val_data, batch_size=eval_batch_size or batch_size, shuffle=False, seed=0,
-                                 num_workers=num_workers, collate_fn=collate_fn)
+        val_loader = make_loader(
+            val_data,
+            batch_size=eval_batch_size or batch_size,
+            shuffle=False,
+            seed=0,
+            num_workers=num_workers,
+            collate_fn=collate_fn,
+        )
 
     micro_per_epoch = _len_or_none(loader)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.accumulate) if micro_per_epoch is not None else None
@@ -341,7 +368,9 @@ def fit(
         total_steps = min(total_steps or 10**18, cfg.epochs * steps_per_epoch)
     if total_steps is None:
         if cfg.schedule.name == "cosine":
-            raise RecipeError("the cosine schedule needs a known length: set train.max_steps for iterable data")
+            raise RecipeError(
+                "the cosine schedule needs a known length: set train.max_steps for iterable data"
+            )
         total_steps = 0
 
     state = _State()
@@ -350,8 +379,13 @@ def fit(
     if resume_path is not None:
         resume_rng = _restore(resume_path, original, optimizer, precision, ema, loader, state, result)
 
-    monitor = Monitor(total_steps=total_steps or 0, out_dir=out_dir, progress=cfg.progress,
-                      tensorboard=cfg.tensorboard, description=type(original).__name__)
+    monitor = Monitor(
+        total_steps=total_steps or 0,
+        out_dir=out_dir,
+        progress=cfg.progress,
+        tensorboard=cfg.tensorboard,
+        description=type(original).__name__,
+    )
     monitor.advance_to(state.step)
     sample_count = token_count = real_token_count = 0
     timed_s = 0.0
@@ -376,10 +410,13 @@ def fit(
                 "scaler": precision.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None,
                 "state": {
-                    "step": state.step, "skipped": state.skipped, "nonfinite": state.nonfinite,
+                    "step": state.step,
+                    "skipped": state.skipped,
+                    "nonfinite": state.nonfinite,
                     "epoch": state.epoch + 1 if epoch_end else state.epoch,
                     "batch_in_epoch": 0 if epoch_end else state.batch_in_epoch,
-                    "best": state.best, "bad_evals": state.bad_evals,
+                    "best": state.best,
+                    "bad_evals": state.bad_evals,
                 },
                 "rng": ckpt_io.rng_state(),
                 "rng_epoch_start": None if epoch_end else rng_epoch_start,
@@ -398,8 +435,16 @@ def fit(
         if val_loader is None:
             return False
         eval_model = ema.module if ema is not None else run_model
-        metrics = evaluate(eval_model, val_loader, loss=loss.fn or loss.kind, precision=cfg.precision,
-                           device=device, ignore_index=cfg.ignore_index, channels_last=cfg.channels_last)
+        metrics = evaluate(
+            eval_model,
+            val_loader,
+            loss=loss.fn or loss.kind,
+            precision=cfg.precision,
+            device=device,
+            ignore_index=cfg.ignore_index,
+            channels_last=cfg.channels_last,
+            max_batches=cfg.eval_batches,
+        )
         metrics = {k: v for k, v in metrics.items() if k != "val_items"}
         result.val_metrics = metrics
         result.val_history.append({"step": state.step, "epoch": state.epoch, **metrics})
@@ -412,8 +457,9 @@ def fit(
             raise RecipeError(f"early_stopping.metric={es.metric!r} but evaluation gives {sorted(metrics)}")
         value = metrics[es.metric]
         mode = es.mode if es.mode != "auto" else ("max" if es.metric == "val_accuracy" else "min")
-        better = state.best is None or (value < state.best - es.min_delta if mode == "min"
-                                        else value > state.best + es.min_delta)
+        better = state.best is None or (
+            value < state.best - es.min_delta if mode == "min" else value > state.best + es.min_delta
+        )
         if better:
             state.best, state.bad_evals = value, 0
             return False
@@ -463,13 +509,14 @@ def fit(
                     sample_count += samples
                     token_count += tokens
                     real_token_count += real
-                    args, kwargs, target = move_to((args, kwargs, target), device,
-                                                   channels_last=cfg.channels_last, non_blocking=pin)
+                    args, kwargs, target = move_to(
+                        (args, kwargs, target), device, channels_last=cfg.channels_last, non_blocking=pin
+                    )
                     # DDP: skip the gradient all-reduce on every micro-batch but the window's last.
                     no_sync = getattr(model, "no_sync", None)
                     sync_ctx = no_sync() if (no_sync is not None and i < last) else contextlib.nullcontext()
                     with sync_ctx:
-                        with precision.autocast():
+                        with precision.autocast(), sdpa_context(cfg.sdpa_backend, cfg.precision, device.type):
                             out = run_model(*args, **kwargs)
                             share = loss.window_share(out, target, window_total, counts[i])
                         precision.backward(share)
@@ -480,8 +527,10 @@ def fit(
                     optimizer.zero_grad(set_to_none=True)
                     state.nonfinite += 1
                     state.nonfinite_in_row += 1
-                    where = f"epoch {state.epoch}, micro-batches {state.batch_in_epoch - len(window)}" \
-                            f"..{state.batch_in_epoch - 1}, optimizer step {state.step}"
+                    where = (
+                        f"epoch {state.epoch}, micro-batches {state.batch_in_epoch - len(window)}"
+                        f"..{state.batch_in_epoch - 1}, optimizer step {state.step}"
+                    )
                     monitor.print(f"[yellow]non-finite loss ({loss_value}) at {where}: step skipped")
                     log({"step": state.step, "event": "nonfinite_loss", "loss": loss_value, "where": where})
                     if state.nonfinite_in_row >= cfg.max_nonfinite:
@@ -518,8 +567,13 @@ def fit(
                 rate = f"{sample_count / timed_s:,.0f} samples/s" if timed_s > 0 else "-"
                 monitor.step(state.step, loss_value, lr, rate)
                 if state.step % cfg.log_every == 0 or not stepped:
-                    record = {"step": state.step, "epoch": state.epoch, "loss": loss_value, "lr": lr,
-                              "skipped_steps": state.skipped}
+                    record = {
+                        "step": state.step,
+                        "epoch": state.epoch,
+                        "loss": loss_value,
+                        "lr": lr,
+                        "skipped_steps": state.skipped,
+                    }
                     if timed_s > 0:
                         record["samples_per_s"] = sample_count / timed_s
                         if token_count:
@@ -533,7 +587,9 @@ def fit(
                 if cfg.max_steps is not None and state.step + state.skipped >= cfg.max_steps:
                     stop = True
 
-            epoch_finished = not stop or (micro_per_epoch is not None and state.batch_in_epoch >= micro_per_epoch)
+            epoch_finished = not stop or (
+                micro_per_epoch is not None and state.batch_in_epoch >= micro_per_epoch
+            )
             if epoch_finished:
                 result.epochs_completed = state.epoch + 1
                 if not cfg.eval_every and run_eval():
@@ -573,7 +629,7 @@ def fit(
     return result
 
 
-# ---------------------------------------------------------------------------------------------------- internals
+# -------------------------------------------------------------------------------- internals
 
 
 def _merge_config(config: TrainConfig | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -604,8 +660,16 @@ def _resolve_resume(resume: str | Path | None, out_dir: Path | None) -> Path | N
     return path
 
 
-def _restore(path: Path, original: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
-             ema: nn.Module | None, loader: Any, state: _State, result: FitResult) -> dict[str, Any]:
+def _restore(
+    path: Path,
+    original: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    precision: Precision,
+    ema: nn.Module | None,
+    loader: Any,
+    state: _State,
+    result: FitResult,
+) -> dict[str, Any]:
     ckpt = ckpt_io.load_checkpoint(path)
     ckpt_io.check_format(ckpt, path)
     ckpt_io.load_model_state(original, ckpt["model"], path)
@@ -625,14 +689,22 @@ def _restore(path: Path, original: nn.Module, optimizer: torch.optim.Optimizer, 
     return {"now": ckpt["rng"], "epoch_start": ckpt["rng_epoch_start"]}
 
 
-def _count_flops(original: nn.Module, part: tuple, loss: LossComputer, count: int, device: torch.device,
-                 cfg: TrainConfig, result: FitResult) -> None:
+def _count_flops(
+    original: nn.Module,
+    part: tuple,
+    loss: LossComputer,
+    count: int,
+    device: torch.device,
+    cfg: TrainConfig,
+    result: FitResult,
+) -> None:
     """FLOPs of one forward+backward on the first micro-batch, on the eager model without recompute."""
     from torchkiln.measure import training_step_flops
 
     args, kwargs, target = move_to(part, device, channels_last=cfg.channels_last)
     had_ckpt = remove_activation_checkpointing(original) > 0
     try:
+
         def loss_of(output: Any) -> torch.Tensor:
             return loss.window_share(output, target, max(count, 1), count)
 

@@ -129,7 +129,9 @@ class LossComputer:
 
     # ------------------------------------------------------------------------------------------ losses
 
-    def window_share(self, output: Any, target: Any, window_total: int, count: int | None = None) -> torch.Tensor:
+    def window_share(
+        self, output: Any, target: Any, window_total: int, count: int | None = None
+    ) -> torch.Tensor:
         """This micro-batch's contribution to the window loss: (sum of its item losses) / window_total."""
         if self.kind == "cross_entropy":
             logits = output_logits(output)
@@ -138,7 +140,9 @@ class LossComputer:
             if target is None:
                 raise ValueError("cross_entropy needs a target in the batch")
             if target.is_floating_point():  # probabilities / soft labels, shape like logits
-                total = F.cross_entropy(logits.float(), target, reduction="sum", label_smoothing=self.label_smoothing)
+                total = F.cross_entropy(
+                    logits.float(), target, reduction="sum", label_smoothing=self.label_smoothing
+                )
             else:
                 total = F.cross_entropy(
                     logits.reshape(-1, logits.shape[-1]).float(),
@@ -152,7 +156,9 @@ class LossComputer:
             pred = output_logits(output)
             if pred is None or target is None:
                 raise ValueError("mse needs a tensor output and a target")
-            return F.mse_loss(pred.float().reshape(target.shape), target.float(), reduction="sum") / window_total
+            return (
+                F.mse_loss(pred.float().reshape(target.shape), target.float(), reduction="sum") / window_total
+            )
         if count is None:
             raise ValueError("count is required for model/callable losses")
         if count == 0:
@@ -169,7 +175,9 @@ def _device_of(output: Any) -> torch.device:
     return t.device if t is not None else torch.device("cpu")
 
 
-def move_to(batch: Any, device: torch.device, *, channels_last: bool = False, non_blocking: bool = False) -> Any:
+def move_to(
+    batch: Any, device: torch.device, *, channels_last: bool = False, non_blocking: bool = False
+) -> Any:
     """Move every tensor in a (nested) batch to ``device``; 4-d float tensors to channels_last if asked."""
     if isinstance(batch, torch.Tensor):
         t = batch.to(device, non_blocking=non_blocking)
@@ -177,9 +185,14 @@ def move_to(batch: Any, device: torch.device, *, channels_last: bool = False, no
             t = t.contiguous(memory_format=torch.channels_last)
         return t
     if isinstance(batch, Mapping):
-        return {k: move_to(v, device, channels_last=channels_last, non_blocking=non_blocking) for k, v in batch.items()}
+        return {
+            k: move_to(v, device, channels_last=channels_last, non_blocking=non_blocking)
+            for k, v in batch.items()
+        }
     if isinstance(batch, (tuple, list)):
-        return type(batch)(move_to(v, device, channels_last=channels_last, non_blocking=non_blocking) for v in batch)
+        return type(batch)(
+            move_to(v, device, channels_last=channels_last, non_blocking=non_blocking) for v in batch
+        )
     return batch
 
 

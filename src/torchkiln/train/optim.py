@@ -33,7 +33,9 @@ def split_decay_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Pa
     """``(decay, no_decay)``: biases, 1-d parameters and every parameter of a norm layer go to no_decay."""
     decay, no_decay, seen = [], [], set()
     for module in model.modules():
-        is_norm = isinstance(module, _NORM_TYPES) or type(module).__name__.lower().endswith(("norm", "norm2d"))
+        is_norm = isinstance(module, _NORM_TYPES) or type(module).__name__.lower().endswith(
+            ("norm", "norm2d")
+        )
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
@@ -72,8 +74,14 @@ def build_optimizer(
         groups = [{"params": params, "weight_decay": weight_decay}]
     else:
         decay, no_decay = split_decay_params(model)
-        groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        groups = [
+            g
+            for g in (
+                {"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            )
+            if g["params"]
+        ]
     all_params = [p for g in groups for p in g["params"]]
     if not all_params:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")

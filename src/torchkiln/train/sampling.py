@@ -17,12 +17,20 @@ import torch
 class EpochBatchSampler:
     """Yields lists of indices. The order depends only on ``seed`` and the epoch (not on global RNG)."""
 
-    def __init__(self, n: int, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+    def __init__(
+        self, n: int, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False
+    ):
         if n <= 0:
             raise ValueError("the dataset is empty")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.n, self.batch_size, self.shuffle, self.seed, self.drop_last = n, batch_size, shuffle, seed, drop_last
+        self.n, self.batch_size, self.shuffle, self.seed, self.drop_last = (
+            n,
+            batch_size,
+            shuffle,
+            seed,
+            drop_last,
+        )
         self.epoch = 0
         self._skip = 0
 

@@ -42,8 +42,21 @@ def _positive(name: str, value: int, where: str) -> int:
 # --------------------------------------------------------------------------------------------- mlp
 
 
+class MLPBlock(nn.Sequential):
+    """Linear -> LayerNorm? -> ReLU -> Dropout?: one hidden layer (what activation checkpointing wraps)."""
+
+    def __init__(self, width: int, out: int, norm: bool, dropout: float) -> None:
+        layers: list[nn.Module] = [nn.Linear(width, out)]
+        if norm:
+            layers.append(nn.LayerNorm(out))
+        layers.append(nn.ReLU())
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        super().__init__(*layers)
+
+
 class MLP(nn.Module):
-    """Flatten -> [Linear -> LayerNorm? -> ReLU -> Dropout?] * len(hidden) -> Linear."""
+    """Flatten -> MLPBlock * len(hidden) -> Linear."""
 
     def __init__(
         self,
@@ -63,17 +76,12 @@ class MLP(nn.Module):
             raise ValueError(f"mlp: dropout must be in [0, 1), got {dropout!r}")
         self.in_features = in_features
         self.num_classes = num_classes
-        layers: list[nn.Module] = []
+        blocks: list[nn.Module] = []
         width = in_features
         for h in hidden:
-            layers.append(nn.Linear(width, h))
-            if norm:
-                layers.append(nn.LayerNorm(h))
-            layers.append(nn.ReLU())
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
+            blocks.append(MLPBlock(width, h, norm, dropout))
             width = h
-        self.body = nn.Sequential(*layers)
+        self.body = nn.Sequential(*blocks)
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
