@@ -398,9 +398,12 @@ def fit(
         for cb in callbacks:
             cb(record)
 
+    done_at = {"eval": -1, "checkpoint": -1}  # the step of the latest evaluation / checkpoint
+
     def save_checkpoint(epoch_end: bool) -> None:
         if out_dir is None:
             return
+        done_at["checkpoint"] = state.step
         path = _checkpoint_dir(out_dir) / f"step-{state.step:08d}.pt"
         ckpt_io.atomic_save(
             {
@@ -434,6 +437,7 @@ def fit(
         """Evaluate; return True when early stopping says stop."""
         if val_loader is None:
             return False
+        done_at["eval"] = state.step
         eval_model = ema.module if ema is not None else run_model
         metrics = evaluate(
             eval_model,
@@ -599,6 +603,11 @@ def fit(
                 state.epoch += 1
             elif stop and cfg.early_stopping is not None and state.bad_evals >= cfg.early_stopping.patience:
                 result.stopped_early = True
+        # Stopped mid-epoch (max_steps): evaluate the final weights and checkpoint them for a later resume.
+        if done_at["eval"] != state.step and not result.stopped_early:
+            run_eval()
+        if done_at["checkpoint"] != state.step:
+            save_checkpoint(epoch_end=False)
     finally:
         monitor.close()
 
