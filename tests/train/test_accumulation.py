@@ -91,3 +91,38 @@ def test_gradients_zeroed_between_windows_and_epochs():
             opt.zero_grad()
     for (k, v), w in zip(model.state_dict().items(), ref.state_dict().values(), strict=True):
         torch.testing.assert_close(v, w, rtol=1e-4, atol=1e-6, msg=k)
+
+
+class CountingWrapper(torch.nn.Module):
+    """Stands in for DDP: records which micro-batches ran inside ``no_sync``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+        self.in_no_sync = False
+        self.calls = []
+
+    def forward(self, *args, **kwargs):
+        self.calls.append(self.in_no_sync)
+        return self.module(*args, **kwargs)
+
+    def no_sync(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            self.in_no_sync = True
+            try:
+                yield
+            finally:
+                self.in_no_sync = False
+
+        return ctx()
+
+
+def test_no_sync_on_every_micro_batch_but_the_windows_last():
+    model, data = make_case("mlp", n=40)
+    wrapped = CountingWrapper(model)
+    # 10 micro-batches of 4, accumulate 4: windows of 4, 4 and a short one of 2.
+    fit(wrapped, DataLoader(data, batch_size=4), accumulate=4, epochs=1, **SGD)
+    assert wrapped.calls == [True, True, True, False] * 2 + [True, False]

@@ -260,3 +260,26 @@ def test_cnn_gpt_and_mlp_train_from_the_zoo():
         model = create_model(name, **args)
         result = fit(model, data, batch_size=32, epochs=5, max_steps=3, progress="off", flops=False)
         assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_progress_bar_jsonl_and_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    model, data = make_case("mlp")
+    result = fit(
+        model,
+        data,
+        data,
+        batch_size=8,
+        epochs=2,
+        out_dir=str(tmp_path),
+        progress="on",
+        log_every=2,
+        flops=False,
+    )
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r and "event" not in r]
+    assert [r["step"] for r in steps] == [2, 4, 6, 8, 10, 12]
+    assert all({"lr", "epoch", "skipped_steps"} <= set(r) for r in steps)
+    assert sum("val_loss" in r for r in records if "event" not in r) == 2
+    assert records[-1]["event"] == "summary" and records[-1]["steps"] == result.steps
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
