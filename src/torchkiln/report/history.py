@@ -1,0 +1,295 @@
+"""Run history: every bench, profile, train, memory and compression run, with its environment and
+results, in one SQLite file (``runs/history.sqlite`` unless ``$TORCHKILN_HISTORY`` says otherwise).
+
+Safe with concurrent writers and killed writers: WAL journal, one transaction per record, a busy
+timeout. A file that is not a torchkiln history database is refused with a clear error instead of
+being modified.
+
+>>> import tempfile, os
+>>> h = History(os.path.join(tempfile.mkdtemp(), "h.sqlite"))
+>>> run_id = h.record("bench", "mlp", {"latency_ms": {"p50": 1.5}}, env={"threads": 1})
+>>> h.get(run_id).results["latency_ms"]["p50"]
+1.5
+>>> [r.id for r in h.list(kind="bench")] == [run_id]
+True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from torchkiln.errors import KilnError
+
+# PRAGMA application_id marks the file as ours ("tkln" as a 32-bit integer).
+APPLICATION_ID = 0x746B6C6E
+SCHEMA_VERSION = 1
+KINDS = ("bench", "profile", "memory", "train", "compress", "export", "optimize", "serve", "loadtest", "other")
+
+
+class HistoryError(KilnError):
+    """The history database is unreadable, foreign, from a newer version, or a run is missing."""
+
+
+@dataclass
+class Run:
+    """One recorded run."""
+
+    id: str
+    kind: str
+    name: str
+    created: str
+    results: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    parent: str | None = None
+    git_commit: str | None = None
+    status: str = "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "name": self.name,
+            "created": self.created,
+            "status": self.status,
+            "parent": self.parent,
+            "git_commit": self.git_commit,
+            "env": self.env,
+            "config": self.config,
+            "results": self.results,
+            "artifacts": self.artifacts,
+        }
+
+
+def default_history_path() -> Path:
+    """``$TORCHKILN_HISTORY`` or ``runs/history.sqlite`` under the current directory."""
+    return Path(os.environ.get("TORCHKILN_HISTORY") or Path("runs") / "history.sqlite")
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    created TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'ok',
+    parent TEXT,
+    git_commit TEXT,
+    env TEXT NOT NULL,
+    config TEXT NOT NULL,
+    results TEXT NOT NULL,
+    artifacts TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_kind_name ON runs(kind, name, created);
+"""
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=str, allow_nan=True)
+
+
+class History:
+    """A handle on one history database file; cheap to create, safe to use from several processes."""
+
+    def __init__(self, path: str | os.PathLike | None = None, *, timeout_s: float = 30.0) -> None:
+        self.path = Path(path) if path is not None else default_history_path()
+        self.timeout_s = timeout_s
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as conn:
+            self._check_or_init(conn)
+
+    # ------------------------------------------------------------------------------------------- internals
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        try:
+            conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise HistoryError(f"cannot open history database {self.path}: {exc}") from None
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout_s * 1000)}")
+            yield conn
+        except sqlite3.DatabaseError as exc:
+            if "file is not a database" in str(exc) or "malformed" in str(exc):
+                raise HistoryError(
+                    f"{self.path} is not a torchkiln history database (SQLite says: {exc}); "
+                    "move it away or point TORCHKILN_HISTORY elsewhere"
+                ) from None
+            raise
+        finally:
+            conn.close()
+
+    def _check_or_init(self, conn: sqlite3.Connection) -> None:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if app_id == 0 and not tables:
+            # A new (or empty) file: make it ours, atomically.
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+                if app_id == 0:
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return
+        if app_id != APPLICATION_ID:
+            raise HistoryError(
+                f"{self.path} is an SQLite database but not a torchkiln history database "
+                f"(application_id {app_id:#x}, expected {APPLICATION_ID:#x}); it was left untouched"
+            )
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise HistoryError(
+                f"{self.path} was written by a newer torchkiln (history schema {version}, this one reads "
+                f"up to {SCHEMA_VERSION}); upgrade torchkiln"
+            )
+
+    @staticmethod
+    def _row_to_run(row: sqlite3.Row | tuple) -> Run:
+        (rid, kind, name, created, status, parent, git, env, config, results, artifacts) = row
+        return Run(
+            id=rid,
+            kind=kind,
+            name=name,
+            created=created,
+            status=status,
+            parent=parent,
+            git_commit=git,
+            env=json.loads(env),
+            config=json.loads(config),
+            results=json.loads(results),
+            artifacts=json.loads(artifacts),
+        )
+
+    # ------------------------------------------------------------------------------------------- API
+
+    def record(
+        self,
+        kind: str,
+        name: str,
+        results: dict[str, Any],
+        *,
+        env: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None,
+        artifacts: dict[str, str] | None = None,
+        parent: str | None = None,
+        git_commit: str | None = None,
+        status: str = "ok",
+        run_id: str | None = None,
+    ) -> str:
+        """Insert one run in a single transaction; return its id (``<kind>-<utc time>-<random>``)."""
+        if kind not in KINDS:
+            raise HistoryError(f"unknown run kind {kind!r}; accepted: {', '.join(KINDS)}")
+        now = datetime.now(timezone.utc)
+        rid = run_id or f"{kind}-{now.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        if env is None:
+            from torchkiln.measure import collect_env
+
+            env = collect_env()
+        if git_commit is None:
+            git_commit = env.get("git_commit") if isinstance(env, dict) else None
+        row = (
+            rid,
+            kind,
+            name,
+            now.isoformat(timespec="seconds"),
+            status,
+            parent,
+            git_commit,
+            _dumps(env),
+            _dumps(config or {}),
+            _dumps(results),
+            _dumps({k: str(v) for k, v in (artifacts or {}).items()}),
+        )
+        with self._connect() as conn:
+            for attempt in range(5):
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    conn.execute("INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
+                    conn.execute("COMMIT")
+                    break
+                except sqlite3.OperationalError as exc:  # "database is locked" past the busy timeout
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    if "locked" not in str(exc) or attempt == 4:
+                        raise HistoryError(f"cannot write to {self.path}: {exc}") from None
+                    time.sleep(0.05 * (attempt + 1))
+        return rid
+
+    def get(self, run_id: str) -> Run:
+        """The run with this id, or a unique id prefix, or ``kind:name`` for the newest such run."""
+        with self._connect() as conn:
+            if ":" in run_id and not run_id.startswith(KINDS):
+                kind, name = run_id.split(":", 1)
+                row = conn.execute(
+                    "SELECT * FROM runs WHERE kind=? AND name=? ORDER BY created DESC, rowid DESC LIMIT 1",
+                    (kind, name),
+                ).fetchone()
+                rows = [row] if row else []
+            else:
+                rows = conn.execute(
+                    "SELECT * FROM runs WHERE id = ? OR id LIKE ? ORDER BY created DESC LIMIT 2",
+                    (run_id, run_id.replace("%", "") + "%"),
+                ).fetchall()
+                exact = [r for r in rows if r[0] == run_id]
+                rows = exact or rows
+        if not rows:
+            raise HistoryError(f"no run {run_id!r} in {self.path}; `kiln history` lists the runs")
+        if len(rows) > 1:
+            raise HistoryError(f"run id prefix {run_id!r} is ambiguous in {self.path}; give more characters")
+        return self._row_to_run(rows[0])
+
+    def list(self, kind: str | None = None, name: str | None = None, limit: int = 50) -> list[Run]:
+        """Newest first."""
+        query, args = "SELECT * FROM runs", []
+        where = []
+        if kind:
+            where.append("kind = ?")
+            args.append(kind)
+        if name:
+            where.append("name = ?")
+            args.append(name)
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        query += " ORDER BY created DESC, rowid DESC LIMIT ?"
+        args.append(int(limit))
+        with self._connect() as conn:
+            return [self._row_to_run(r) for r in conn.execute(query, args).fetchall()]
+
+    def latest(self, kind: str, name: str | None = None) -> Run | None:
+        runs = self.list(kind=kind, name=name, limit=1)
+        return runs[0] if runs else None
+
+    def add_artifact(self, run_id: str, key: str, path: str | os.PathLike) -> None:
+        """Attach a file (a report, a trace) to an existing run."""
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute("SELECT artifacts FROM runs WHERE id = ?", (run_id,)).fetchone()
+                if row is None:
+                    raise HistoryError(f"no run {run_id!r} in {self.path}")
+                artifacts = json.loads(row[0])
+                artifacts[key] = str(path)
+                conn.execute("UPDATE runs SET artifacts = ? WHERE id = ?", (_dumps(artifacts), run_id))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
