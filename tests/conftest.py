@@ -12,6 +12,8 @@ import torch
 def _private_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
     # Keep the pycode corpus cache between sessions (it is deterministic) but give inductor its own dir.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+    # Runs recorded by tests never land in the working tree's runs/history.sqlite.
+    os.environ["TORCHKILN_HISTORY"] = str(tmp_path_factory.mktemp("history") / "history.sqlite")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

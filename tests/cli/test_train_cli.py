@@ -27,7 +27,8 @@ flops = false
 """
 
 
-def test_kiln_train_runs_and_writes_the_run(tmp_path):
+def test_kiln_train_runs_and_writes_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHKILN_HISTORY", str(tmp_path / "history.sqlite"))
     recipe = tmp_path / "r.toml"
     recipe.write_text(RECIPE)
     out = tmp_path / "run"
@@ -37,6 +38,12 @@ def test_kiln_train_runs_and_writes_the_run(tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["event"] == "summary" and lines[-1]["steps"] == 20
     assert (out / "model.pt").exists() and (out / "recipe.json").exists()
+    from torchkiln.report import History
+
+    (run,) = History().list(kind="train")
+    assert run.name == "cli_mlp" and run.id in res.output
+    assert run.results["summary"]["steps"] == 20 and len(run.results["curve"]) == 20
+    assert run.results["val"][0]["val_accuracy"] > 0 and run.artifacts["run_dir"] == str(out)
 
     # --resume auto continues from the newest checkpoint to the longer schedule
     res = CliRunner().invoke(app, ["train", str(recipe), "--out", str(out), "--resume", "auto"])

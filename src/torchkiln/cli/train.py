@@ -21,6 +21,9 @@ def register(app: typer.Typer) -> None:
             None, "--out", "-o", help="Run directory (default runs/<recipe name>)."
         ),
         check: bool = typer.Option(False, "--check", help="Validate the recipe and exit without training."),
+        history: bool = typer.Option(
+            True, "--history/--no-history", help="Record the run in runs/history.sqlite."
+        ),
     ) -> None:
         """Train a model from a recipe: mixed precision, accumulation, schedules, checkpoints, resume.
 
@@ -45,8 +48,12 @@ def register(app: typer.Typer) -> None:
             f"[bold]kiln train[/] {recipe}  model={rec.model.name} data={rec.data.name} "
             f"precision={rec.train.precision} accumulate={rec.train.accumulate} -> {out_dir}"
         )
-        result = train_recipe(rec, resume=resume, out_dir=out_dir)
+        result = train_recipe(rec, resume=resume, out_dir=out_dir, record=history)
         print_result(console, result)
+        if result.run_id:
+            console.print(
+                f"recorded as run [bold]{result.run_id}[/] (kiln history; kiln report {result.run_id})"
+            )
 
 
 def print_result(console, result) -> None:

@@ -68,10 +68,15 @@ def build_from_recipe(recipe: Recipe) -> tuple[nn.Module, Any, Any, dict[str, An
 
 
 def train_recipe(
-    recipe: Recipe, *, resume: str | Path | None = None, out_dir: str | Path | None = None, **overrides: Any
+    recipe: Recipe,
+    *,
+    resume: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    record: bool = True,
+    **overrides: Any,
 ) -> FitResult:
     """Seed, build the recipe's model and data, and :func:`fit` them; the run goes to ``out_dir``
-    (default ``runs/<recipe name>``)."""
+    (default ``runs/<recipe name>``) and, with ``record``, into the run history."""
     cfg = recipe.train
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -80,7 +85,7 @@ def train_recipe(
     out = out_dir or cfg.out_dir or str(Path("runs") / (recipe.name or "run"))
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "recipe.json").write_text(recipe.model_dump_json(indent=2), encoding="utf-8")
-    return fit(
+    result = fit(
         model,
         train,
         val,
@@ -92,3 +97,30 @@ def train_recipe(
         out_dir=str(out),
         **overrides,
     )
+    if record:
+        result.run_id = record_train_run(result, recipe.name or "run", config=recipe.model_dump(mode="json"))
+    return result
+
+
+def record_train_run(
+    result: FitResult,
+    name: str,
+    *,
+    config: dict[str, Any] | None = None,
+    history: Any = None,
+    max_points: int = 2000,
+) -> str:
+    """Record a training run (summary, loss/lr curve, validation history) in the run history."""
+    from torchkiln.report import History
+
+    stride = max(1, -(-len(result.losses) // max_points))
+    curve = [
+        {"step": i + 1, "loss": loss, "lr": lr}
+        for i, (loss, lr) in enumerate(zip(result.losses, result.lrs, strict=False))
+        if i % stride == 0 or i == len(result.losses) - 1
+    ]
+    artifacts = {}
+    if result.out_dir:
+        artifacts = {"run_dir": result.out_dir, "metrics": str(Path(result.out_dir) / "metrics.jsonl")}
+    results = {"summary": result.summary(), "curve": curve, "val": list(result.val_history)}
+    return (history or History()).record("train", name, results, config=config, artifacts=artifacts)

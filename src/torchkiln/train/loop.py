@@ -73,6 +73,7 @@ class FitResult:
     uncounted_ops: list[str] = field(default_factory=list)
     last_checkpoint: str | None = None
     out_dir: str | None = None
+    run_id: str | None = None
 
     def summary(self) -> dict[str, Any]:
         keys = (
