@@ -473,6 +473,14 @@ def fit(
 
     stop = False
     rng_epoch_start = None
+    # Per-step constants, resolved once: the step itself should cost what a hand-written loop costs.
+    single = cfg.accumulate == 1
+    needs_move = device.type != "cpu" or cfg.channels_last
+    no_sync = getattr(model, "no_sync", None)
+
+    def sdpa_ctx() -> contextlib.AbstractContextManager:
+        return sdpa_context(cfg.sdpa_backend, cfg.precision, device.type)
+
     try:
         while state.epoch < cfg.epochs and not stop:
             _set_epoch(loader, state.epoch)
@@ -498,36 +506,43 @@ def fit(
                 if not window:
                     break
                 parts = [loss.split(b) for b in window]
-                counts = [loss.count(target, kwargs, args) for args, kwargs, target in parts]
-                window_total = sum(counts)
                 state.batch_in_epoch += len(window)
-                if window_total == 0:
-                    continue  # nothing to learn from (every target ignored)
+                if single:
+                    counts, window_total = [None], None  # one micro-batch: its own mean is the window's
+                else:
+                    counts = [loss.count(target, kwargs, args) for args, kwargs, target in parts]
+                    window_total = sum(counts)
+                    if window_total == 0:
+                        continue  # nothing to learn from (every target ignored)
 
                 if cfg.flops and result.flops_per_sample is None and not first_window_done:
-                    _count_flops(original, parts[0], loss, counts[0], device, cfg, result)
+                    _count_flops(original, parts[0], loss, device, cfg, result)
 
-                window_loss = torch.zeros((), device=device)
+                shares = []
                 last = len(parts) - 1
                 for i, (args, kwargs, target) in enumerate(parts):
                     samples, tokens, real = batch_sizes(args, kwargs)
                     sample_count += samples
                     token_count += tokens
                     real_token_count += real
-                    args, kwargs, target = move_to(
-                        (args, kwargs, target), device, channels_last=cfg.channels_last, non_blocking=pin
-                    )
+                    if needs_move:
+                        args, kwargs, target = move_to(
+                            (args, kwargs, target), device, channels_last=cfg.channels_last, non_blocking=pin
+                        )
                     # DDP: skip the gradient all-reduce on every micro-batch but the window's last.
-                    no_sync = getattr(model, "no_sync", None)
                     sync_ctx = no_sync() if (no_sync is not None and i < last) else contextlib.nullcontext()
                     with sync_ctx:
-                        with precision.autocast(), sdpa_context(cfg.sdpa_backend, cfg.precision, device.type):
+                        with precision.autocast(), sdpa_ctx():
                             out = run_model(*args, **kwargs)
-                            share = loss.window_share(out, target, window_total, counts[i])
+                            if single:
+                                share = loss.mean(out, target)
+                            else:
+                                share = loss.window_share(out, target, window_total, counts[i])
                         precision.backward(share)
-                    window_loss += share.detach()
+                    shares.append(share.detach())
 
-                loss_value = float(window_loss)  # one host sync per optimizer step
+                # The host reads the loss once per optimizer step, after all backward work is queued.
+                loss_value = float(shares[0]) if single else sum(float(x) for x in shares)
                 if not math.isfinite(loss_value):
                     optimizer.zero_grad(set_to_none=True)
                     state.nonfinite += 1
@@ -569,8 +584,7 @@ def fit(
                 else:  # the first window carries compile/warm-up cost: keep it out of throughput
                     first_window_done = True
                     sample_count = token_count = real_token_count = 0
-                rate = f"{sample_count / timed_s:,.0f} samples/s" if timed_s > 0 else "-"
-                monitor.step(state.step, loss_value, lr, rate)
+                monitor.step(state.step, loss_value, lr, sample_count, timed_s)
                 if state.step % cfg.log_every == 0 or not stepped:
                     record = {
                         "step": state.step,
@@ -703,7 +717,6 @@ def _count_flops(
     original: nn.Module,
     part: tuple,
     loss: LossComputer,
-    count: int,
     device: torch.device,
     cfg: TrainConfig,
     result: FitResult,
@@ -712,6 +725,7 @@ def _count_flops(
     from torchkiln.measure import training_step_flops
 
     args, kwargs, target = move_to(part, device, channels_last=cfg.channels_last)
+    count = loss.count(target, kwargs, args)
     had_ckpt = remove_activation_checkpointing(original) > 0
     try:
 

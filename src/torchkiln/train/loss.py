@@ -129,6 +129,37 @@ class LossComputer:
 
     # ------------------------------------------------------------------------------------------ losses
 
+    def mean(self, output: Any, target: Any) -> torch.Tensor:
+        """The micro-batch's own mean loss (what a window of one micro-batch needs; no counting)."""
+        if self.kind == "cross_entropy":
+            logits = output_logits(output)
+            if logits is None:
+                raise TypeError(f"cross_entropy needs logits from the model, got {type(output).__name__}")
+            if target is None:
+                raise ValueError("cross_entropy needs a target in the batch")
+            if target.is_floating_point() or (logits.ndim == 2 and target.ndim == 1):
+                return F.cross_entropy(
+                    logits.float(),
+                    target,
+                    ignore_index=self.ignore_index,
+                    label_smoothing=self.label_smoothing,
+                )
+            return F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(),
+                target.reshape(-1),
+                ignore_index=self.ignore_index,
+                label_smoothing=self.label_smoothing,
+            )
+        if self.kind == "mse":
+            pred = output_logits(output)
+            if pred is None or target is None:
+                raise ValueError("mse needs a tensor output and a target")
+            return F.mse_loss(pred.float().reshape(target.shape), target.float())
+        mean = output_loss(output) if self.kind == "model" else self.fn(output, target)
+        if not isinstance(mean, torch.Tensor) or mean.ndim != 0:
+            raise TypeError(f"the loss function must return a scalar tensor, got {type(mean).__name__}")
+        return mean.float()
+
     def window_share(
         self, output: Any, target: Any, window_total: int, count: int | None = None
     ) -> torch.Tensor:

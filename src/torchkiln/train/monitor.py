@@ -74,7 +74,7 @@ class Monitor:
         if self._progress is not None and step:
             self._progress.update(self._task, completed=step)
 
-    def step(self, step: int, loss: float, lr: float, rate: str) -> None:
+    def step(self, step: int, loss: float, lr: float, samples: int, seconds: float) -> None:
         """Called once per optimizer step; cheap unless a refresh is due."""
         if self._progress is None:
             return
@@ -83,6 +83,7 @@ class Monitor:
         if now - self._last_refresh < 0.1 and step < self.total_steps:
             return
         self._last_refresh = now
+        rate = f"{samples / seconds:,.0f} samples/s" if seconds > 0 else "-"
         self._progress.update(
             self._task, advance=self._pending, loss=f"{loss:.4f}", lr=f"{lr:.2e}", rate=rate
         )
