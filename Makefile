@@ -38,6 +38,7 @@ demo: $(VENV)/.base
 	$(BIN)/kiln demo $(DEMO_ARGS)
 
 test: $(VENV)/.dev
+	bash scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev

@@ -33,7 +33,18 @@ from torchkiln.errors import KilnError
 # PRAGMA application_id marks the file as ours ("tkln" as a 32-bit integer).
 APPLICATION_ID = 0x746B6C6E
 SCHEMA_VERSION = 1
-KINDS = ("bench", "profile", "memory", "train", "compress", "export", "optimize", "serve", "loadtest", "other")
+KINDS = (
+    "bench",
+    "profile",
+    "memory",
+    "train",
+    "compress",
+    "export",
+    "optimize",
+    "serve",
+    "loadtest",
+    "other",
+)
 
 
 class HistoryError(KilnError):
@@ -147,7 +158,8 @@ class History:
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
             return
         if app_id != APPLICATION_ID:
@@ -226,35 +238,54 @@ class History:
                     conn.execute("INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
                     conn.execute("COMMIT")
                     break
+                except sqlite3.IntegrityError:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise HistoryError(f"a run with id {rid!r} already exists in {self.path}") from None
                 except sqlite3.OperationalError as exc:  # "database is locked" past the busy timeout
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
-                    if "locked" not in str(exc) or attempt == 4:
+                    if "locked" not in str(exc) and "busy" not in str(exc) or attempt == 4:
                         raise HistoryError(f"cannot write to {self.path}: {exc}") from None
                     time.sleep(0.05 * (attempt + 1))
         return rid
 
     def get(self, run_id: str) -> Run:
-        """The run with this id, or a unique id prefix, or ``kind:name`` for the newest such run."""
+        """The run with this id, or a unique id prefix, or ``kind:name`` for the newest such run.
+
+        An exact id wins over everything else; ``kind:name`` is tried next (run ids never contain
+        ``:``), then the prefix, which must match exactly one run.
+        """
         with self._connect() as conn:
-            if ":" in run_id and not run_id.startswith(KINDS):
-                kind, name = run_id.split(":", 1)
+            row = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is not None:
+                return self._row_to_run(row)
+            kind, sep, name = run_id.partition(":")
+            if sep:
+                if kind not in KINDS:
+                    raise HistoryError(
+                        f"no run {run_id!r} in {self.path}, and {kind!r} is not a run kind for the "
+                        f"kind:name form (accepted kinds: {', '.join(KINDS)})"
+                    )
                 row = conn.execute(
                     "SELECT * FROM runs WHERE kind=? AND name=? ORDER BY created DESC, rowid DESC LIMIT 1",
                     (kind, name),
                 ).fetchone()
                 rows = [row] if row else []
             else:
+                # substr rather than LIKE: '_' and '%' in an id are not wildcards.
                 rows = conn.execute(
-                    "SELECT * FROM runs WHERE id = ? OR id LIKE ? ORDER BY created DESC LIMIT 2",
-                    (run_id, run_id.replace("%", "") + "%"),
+                    "SELECT * FROM runs WHERE substr(id, 1, ?) = ? ORDER BY created DESC, rowid DESC LIMIT 6",
+                    (len(run_id), run_id),
                 ).fetchall()
-                exact = [r for r in rows if r[0] == run_id]
-                rows = exact or rows
         if not rows:
             raise HistoryError(f"no run {run_id!r} in {self.path}; `kiln history` lists the runs")
         if len(rows) > 1:
-            raise HistoryError(f"run id prefix {run_id!r} is ambiguous in {self.path}; give more characters")
+            some = ", ".join(r[0] for r in rows[:5])
+            raise HistoryError(
+                f"run id prefix {run_id!r} is ambiguous in {self.path} (matches {some}"
+                f"{', ...' if len(rows) > 5 else ''}); give more characters"
+            )
         return self._row_to_run(rows[0])
 
     def list(self, kind: str | None = None, name: str | None = None, limit: int = 50) -> list[Run]:
@@ -291,5 +322,151 @@ class History:
                 conn.execute("UPDATE runs SET artifacts = ? WHERE id = ?", (_dumps(artifacts), run_id))
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
+
+
+# ------------------------------------------------------------------------------------------- summaries
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def bench_variants(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{variant name: variant dict}`` of a bench-shaped results dict (tolerates missing keys)."""
+    out: dict[str, dict[str, Any]] = {}
+    for v in results.get("variants") or []:
+        if isinstance(v, dict) and isinstance(v.get("name"), str):
+            out[v["name"]] = v
+    return out
+
+
+def variant_p50_ms(variant: dict[str, Any]) -> float | None:
+    """A variant dict's p50 latency in ms (None where it has none)."""
+    latency = variant.get("latency_ms")
+    return _number(latency.get("p50")) if isinstance(latency, dict) else None
+
+
+def key_figures(run: Run) -> str:
+    """A one-line summary of a run's results for ``kiln history`` (empty where nothing is known).
+
+    >>> key_figures(Run("x", "bench", "mlp", "now", results={"baseline": "fp32", "batch_size": 8,
+    ...     "variants": [{"name": "fp32", "latency_ms": {"p50": 1.25}, "throughput_per_s": 6400.0}]}))
+    'fp32 p50 1.25 ms @ batch 8, 6,400/s'
+    """
+    r = run.results or {}
+    parts: list[str] = []
+    if run.kind == "train":
+        summary = r.get("summary") if isinstance(r.get("summary"), dict) else {}
+        loss = _number(summary.get("final_loss"))
+        if loss is not None:
+            parts.append(f"final loss {loss:.4g}")
+        for key, value in summary.items():
+            if key.startswith("val_") and _number(value) is not None:
+                parts.append(f"{key} {value:.4g}")
+        rate = _number(summary.get("samples_per_s"))
+        if rate:
+            parts.append(f"{rate:.3g} samples/s")
+        return ", ".join(parts)
+    if run.kind == "profile":
+        step = _number(r.get("step_ms"))
+        if step is not None:
+            parts.append(f"step {step:.4g} ms")
+        mfu = _number(r.get("mfu"))
+        if mfu is not None:
+            parts.append(f"MFU {100 * mfu:.1f}%")
+        return ", ".join(parts)
+    variants = bench_variants(r)
+    if variants:
+        name = r.get("baseline") if r.get("baseline") in variants else next(iter(variants))
+        base = variants[name]
+        p50 = variant_p50_ms(base)
+        text = f"{name} p50 {p50:.4g} ms" if p50 is not None else name
+        if r.get("batch_size") is not None:
+            text += f" @ batch {r['batch_size']}"
+        rate = _number(base.get("throughput_per_s"))
+        if rate:
+            text += f", {rate:,.0f}/s"
+        parts.append(text)
+        best = max(
+            (v for v in variants.values() if _number(v.get("speedup_vs_baseline")) is not None),
+            key=lambda v: v["speedup_vs_baseline"],
+            default=None,
+        )
+        if best is not None and best["name"] != name and len(variants) > 1:
+            parts.append(f"best {best['name']} {best['speedup_vs_baseline']:.2f}x")
+        return "; ".join(parts)
+    numbers = [(k, _number(v)) for k, v in r.items()]
+    return ", ".join([f"{k} {v:.4g}" for k, v in numbers if v is not None][:4])
+
+
+def compare_bench_results(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Variant-by-variant p50 comparison of two bench results dicts (same-named variants only).
+
+    ``rows``: ``{"variant", "base_p50_ms", "new_p50_ms", "time_ratio" (new/base; above 1 = slower),
+    "change" (time_ratio - 1)}``; ``only_base``/``only_new``: unmatched variant names; ``warnings``:
+    differences that make the comparison less like with like (batch size, threads, device, CPU).
+
+    >>> a = {"batch_size": 8, "variants": [{"name": "fp32", "latency_ms": {"p50": 2.0}}]}
+    >>> b = {"batch_size": 8, "variants": [{"name": "fp32", "latency_ms": {"p50": 3.0}}]}
+    >>> compare_bench_results(a, b)["rows"][0]["change"]
+    0.5
+    """
+    va, vb = bench_variants(base), bench_variants(new)
+    rows = []
+    for name in [n for n in vb if n in va]:
+        pa, pb = variant_p50_ms(va[name]), variant_p50_ms(vb[name])
+        if pa is None or pb is None:
+            continue
+        ratio = pb / pa if pa > 0 else float("inf")
+        rows.append(
+            {"variant": name, "base_p50_ms": pa, "new_p50_ms": pb, "time_ratio": ratio, "change": ratio - 1}
+        )
+    warnings = []
+    for key in ("batch_size", "threads", "device", "model"):
+        if base.get(key) is not None and new.get(key) is not None and base.get(key) != new.get(key):
+            warnings.append(f"{key} differs: {base.get(key)} vs {new.get(key)}")
+    return {
+        "rows": rows,
+        "only_base": [n for n in va if n not in vb],
+        "only_new": [n for n in vb if n not in va],
+        "warnings": warnings,
+    }
+
+
+def _train_metrics(run: Run) -> dict[str, float]:
+    summary = run.results.get("summary") if isinstance(run.results.get("summary"), dict) else {}
+    return {k: v for k, v in ((k, _number(v)) for k, v in summary.items()) if v is not None}
+
+
+def compare_runs(a: Run, b: Run) -> dict[str, Any]:
+    """Compare two runs of the same kind: bench-shaped runs variant by variant (p50, b relative to a),
+    train runs by their final metrics; other kinds by their top-level numbers.
+
+    Returns ``{"kind", "a", "b", "rows", ...}``; see :func:`compare_bench_results` for bench rows. Train
+    and other rows are ``{"metric", "a", "b", "diff" (b - a)}``.
+    """
+    if a.kind != b.kind:
+        raise HistoryError(f"cannot compare a {a.kind!r} run ({a.id}) with a {b.kind!r} run ({b.id})")
+    out: dict[str, Any] = {"kind": a.kind, "a": a.id, "b": b.id}
+    if bench_variants(a.results) and bench_variants(b.results):
+        out.update(compare_bench_results(a.results, b.results))
+        cpu_a = (a.env.get("cpu") or {}).get("model") if isinstance(a.env, dict) else None
+        cpu_b = (b.env.get("cpu") or {}).get("model") if isinstance(b.env, dict) else None
+        if cpu_a and cpu_b and cpu_a != cpu_b:
+            out["warnings"].append(f"measured on different CPUs: {cpu_a} vs {cpu_b}")
+        return out
+    if a.kind == "train":
+        ma, mb = _train_metrics(a), _train_metrics(b)
+    else:
+        ma = {k: v for k, v in ((k, _number(v)) for k, v in a.results.items()) if v is not None}
+        mb = {k: v for k, v in ((k, _number(v)) for k, v in b.results.items()) if v is not None}
+    out["rows"] = [{"metric": k, "a": ma[k], "b": mb[k], "diff": mb[k] - ma[k]} for k in ma if k in mb]
+    out["only_a"] = [k for k in ma if k not in mb]
+    out["only_b"] = [k for k in mb if k not in ma]
+    out["warnings"] = []
+    return out
