@@ -40,6 +40,10 @@ _LAZY = {
     "peak_flops": "torchkiln.measure",
     "count_flops": "torchkiln.measure",
     "saved_tensor_bytes": "torchkiln.measure",
+    "profile": "torchkiln.measure",
+    "bench": "torchkiln.measure",
+    "list_variants": "torchkiln.measure",
+    "memory_analysis": "torchkiln.measure",
     # errors
     "KilnError": "torchkiln.errors",
     "RecipeError": "torchkiln.errors",

@@ -34,13 +34,16 @@ def _root(
 
 
 def _register() -> None:
+    from torchkiln.cli import bench as _bench
     from torchkiln.cli import demo as _demo
     from torchkiln.cli import env as _env
+    from torchkiln.cli import history as _history
+    from torchkiln.cli import profile as _profile
     from torchkiln.cli import report as _report
     from torchkiln.cli import train as _train
     from torchkiln.cli import zoo as _zoo
 
-    for module in (_train, _demo, _report, _env, _zoo):
+    for module in (_train, _demo, _bench, _profile, _history, _report, _env, _zoo):
         module.register(app)
 
 
