@@ -172,8 +172,8 @@ class TrainConfig(_Strict):
     activation_checkpointing: CheckpointingConfig | None = None
     compile: CompileConfig | None = None
     channels_last: bool = False
-    sdpa_backend: Literal["auto", "default", "math", "flash", "efficient", "cudnn"] = Field(
-        "auto", description="scaled_dot_product_attention kernel; auto = math for bf16/fp16 on CPU"
+    sdpa_backend: Literal["auto", "default", "math", "flash", "efficient", "cudnn", "flash-fp32"] = Field(
+        "auto", description="scaled_dot_product_attention kernel; auto = flash-fp32 for bf16/fp16 on CPU"
     )
     ema: EMAConfig | None = None
     early_stopping: EarlyStoppingConfig | None = None

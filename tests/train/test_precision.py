@@ -114,3 +114,34 @@ def test_cuda_mixed_precision_learns(precision):
         flops=False,
     )
     assert result.val_metrics["val_accuracy"] > 0.85
+
+
+def test_flash_fp32_attention_under_bf16_autocast_matches_fp32_attention():
+    """auto on CPU + bf16 computes attention in fp32 (flash kernel): outputs and gradients match fp32."""
+    from torchkiln.train.precision import sdpa_context
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 16, 8, requires_grad=True) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref.sum().backward()
+    ref_grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    with sdpa_context("auto", "bf16", "cpu"), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.bfloat16(), k.bfloat16(), v.bfloat16(), is_causal=True
+        )
+        other = torch.ones(2, 2) @ torch.ones(2, 2)  # other ops pass through the mode unchanged
+    assert out.dtype == torch.bfloat16 and other.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    out.float().sum().backward()
+    for got, want in zip((q.grad, k.grad, v.grad), ref_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
+
+
+def test_bf16_gpt_learns_with_auto_attention():
+    torch.manual_seed(0)
+    data = create_dataset("synthetic", "train", task="lm", n=256, seq_len=32, vocab_size=32)
+    model = create_model("gpt-tiny", vocab_size=32, seq_len=32, n_layer=2, n_embd=32, n_head=2)
+    result = fit(model, data, batch_size=32, epochs=4, lr=3e-3, precision="bf16", progress="off", flops=False)
+    assert result.losses[-1] < 0.7 * result.losses[0]
