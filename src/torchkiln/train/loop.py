@@ -478,7 +478,13 @@ def fit(
     needs_move = device.type != "cpu" or cfg.channels_last
     no_sync = getattr(model, "no_sync", None)
 
+    sdpa_default = isinstance(
+        sdpa_context(cfg.sdpa_backend, cfg.precision, device.type), contextlib.nullcontext
+    )
+
     def sdpa_ctx() -> contextlib.AbstractContextManager:
+        if sdpa_default:
+            return contextlib.nullcontext()
         return sdpa_context(cfg.sdpa_backend, cfg.precision, device.type)
 
     try:
