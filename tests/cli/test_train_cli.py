@@ -44,6 +44,9 @@ def test_kiln_train_runs_and_writes_the_run(tmp_path, monkeypatch):
     assert run.name == "cli_mlp" and run.id in res.output
     assert run.results["summary"]["steps"] == 20 and len(run.results["curve"]) == 20
     assert run.results["val"][0]["val_accuracy"] > 0 and run.artifacts["run_dir"] == str(out)
+    report = out / "report.html"
+    assert report.exists() and "<svg" in report.read_text()
+    assert History().get(run.id).artifacts["report"] == str(report.resolve())
 
     # --resume auto continues from the newest checkpoint to the longer schedule
     res = CliRunner().invoke(app, ["train", str(recipe), "--out", str(out), "--resume", "auto"])

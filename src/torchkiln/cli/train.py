@@ -51,9 +51,10 @@ def register(app: typer.Typer) -> None:
         result = train_recipe(rec, resume=resume, out_dir=out_dir, record=history)
         print_result(console, result)
         if result.run_id:
-            console.print(
-                f"recorded as run [bold]{result.run_id}[/] (kiln history; kiln report {result.run_id})"
-            )
+            from torchkiln.report import report_for
+
+            report = report_for([result.run_id], out=Path(result.out_dir or out_dir) / "report.html")
+            console.print(f"recorded as run [bold]{result.run_id}[/] (kiln history); report: {report}")
 
 
 def print_result(console, result) -> None:
