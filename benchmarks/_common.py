@@ -26,7 +26,19 @@ ROOT = Path(__file__).resolve().parent.parent
 INDUCTOR_CACHE = ROOT / ".cache" / "inductor-bench"
 
 # Keys every JSON line carries (tests and run_all rely on them).
-REQUIRED_KEYS = ("bench", "key", "target", "met", "threads", "torch", "cpu", "quick", "rounds", "spread", "figures")
+REQUIRED_KEYS = (
+    "bench",
+    "key",
+    "target",
+    "met",
+    "threads",
+    "torch",
+    "cpu",
+    "quick",
+    "rounds",
+    "spread",
+    "figures",
+)
 
 
 def use_private_inductor_cache() -> str:
@@ -48,7 +60,9 @@ def parse_args(
     add_args: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> argparse.Namespace:
     """``--quick`` and ``--threads N`` (default 1), plus whatever ``add_args`` adds."""
-    parser = argparse.ArgumentParser(description=(description or "").strip().splitlines()[0] if description else None)
+    parser = argparse.ArgumentParser(
+        description=(description or "").strip().splitlines()[0] if description else None
+    )
     parser.add_argument("--quick", action="store_true", help="small and short (under ~60 s here)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     if add_args is not None:
@@ -225,8 +239,11 @@ def print_table(result: dict[str, Any], file: Any = None) -> None:
         value = _fmt(f["value"]) + (f" {f['unit']}" if f.get("unit") else "")
         rows.append((f["key"], value, f["target"] or "-", met, format_spread(f["spread"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print(f"\n== {result['bench']}  (threads={result['threads']}, torch {result['torch']}, "
-          f"{result['cpu']}{', quick' if result.get('quick') else ''})", file=file)
+    print(
+        f"\n== {result['bench']}  (threads={result['threads']}, torch {result['torch']}, "
+        f"{result['cpu']}{', quick' if result.get('quick') else ''})",
+        file=file,
+    )
     for i, row in enumerate(rows):
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)), file=file)
         if i == 0:

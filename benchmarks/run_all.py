@@ -2,7 +2,7 @@
 
     python -m benchmarks.run_all                 # full size, every benchmark, rewrites RESULTS.md
     python -m benchmarks.run_all --quick         # quick sizes; prints the table (writes only with --output)
-    python -m benchmarks.run_all --only train_precision,train_mfu
+    python -m benchmarks.run_all --only train_precision,train_mfu   # rerun some, keep the other rows
     python -m benchmarks.run_all --list          # what would run
 
 Adding a benchmark = dropping a file in ``benchmarks/``. A module ``benchmarks/<name>.py`` (name not
@@ -36,6 +36,7 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
@@ -127,6 +128,27 @@ def parse_last_json(stdout: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _failure(
+    bench: Bench, threads: int, quick: bool, error: str, wall: float, tail: list[str]
+) -> dict[str, Any]:
+    last = next((line for line in reversed(tail) if line.strip()), "")
+    return {
+        "bench": bench.name,
+        "threads": threads,
+        "failed": True,
+        "met": False,
+        "error": f"{error}: {last}" if last else error,
+        "wall_s": wall,
+        "quick": quick,
+        "stderr_tail": tail,
+        "measured_at": _now(),
+    }
+
+
 def run_one(bench: Bench, threads: int, quick: bool, timeout_s: float) -> dict[str, Any]:
     """Run one benchmark at one thread count in a subprocess; a result dict, or a failure record."""
     cmd = [sys.executable, "-m", f"benchmarks.{bench.module}", "--threads", str(threads)]
@@ -137,28 +159,46 @@ def run_one(bench: Bench, threads: int, quick: bool, timeout_s: float) -> dict[s
     env.pop("TTY_COMPATIBLE", None)
     start = time.perf_counter()
     tail: collections.deque = collections.deque(maxlen=15)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    tee = threading.Thread(target=_tee, args=(proc.stderr, tail), daemon=True)
-    tee.start()
+    out_chunks: list[str] = []
     try:
-        stdout, _ = proc.communicate(timeout=timeout_s)
+        # A session of its own, so a timeout can end the benchmark and any workers it started (inductor).
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return _failure(bench, threads, quick, f"could not start: {exc}", 0.0, [])
+    tee = threading.Thread(target=_tee, args=(proc.stderr, tail), daemon=True)
+    reader = threading.Thread(target=lambda: out_chunks.append(proc.stdout.read()), daemon=True)
+    tee.start()
+    reader.start()
+    try:
+        proc.wait(timeout=timeout_s)
         error = None if proc.returncode == 0 else f"exit code {proc.returncode}"
     except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, _ = proc.communicate()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+        proc.wait()
         error = f"timed out after {timeout_s:.0f} s"
-    tee.join(timeout=5)
+    reader.join(timeout=10)
+    tee.join(timeout=10)
+    stdout = "".join(out_chunks)
     wall = time.perf_counter() - start
     result = parse_last_json(stdout or "")
     if result is None and error is None:
         error = "no JSON line at the end of stdout"
     if error is not None:
-        last = next((line for line in reversed(tail) if line.strip()), "")
-        return {"bench": bench.name, "threads": threads, "failed": True, "met": False,
-                "error": f"{error}: {last}" if last else error, "wall_s": wall, "quick": quick,
-                "stderr_tail": list(tail)}
+        return _failure(bench, threads, quick, error, wall, list(tail))
     result.setdefault("bench", bench.name)
     result["wall_s_total"] = wall
+    result["measured_at"] = _now()
     return result
 
 
@@ -187,16 +227,43 @@ def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
     for r in results:
         bench, threads = r.get("bench", "?"), str(r.get("threads", "?"))
         if r.get("failed"):
-            rows.append([bench, threads, r.get("key", "-"), "-", r.get("target") or "-", "**FAILED**", "",
-                         _cell(r.get("error", "failed"))])
+            rows.append(
+                [
+                    bench,
+                    threads,
+                    r.get("key", "-"),
+                    "-",
+                    r.get("target") or "-",
+                    "**FAILED**",
+                    "",
+                    _cell(r.get("error", "failed")),
+                ]
+            )
             continue
-        figures = r.get("figures") or [{"key": r.get("key"), "value": r.get(r.get("key", ""), None),
-                                        "target": r.get("target"), "met": r.get("met"),
-                                        "spread": r.get("spread") or {}, "note": r.get("note", "")}]
+        figures = r.get("figures") or [
+            {
+                "key": r.get("key"),
+                "value": r.get(r.get("key", ""), None),
+                "target": r.get("target"),
+                "met": r.get("met"),
+                "spread": r.get("spread") or {},
+                "note": r.get("note", ""),
+            }
+        ]
         for i, f in enumerate(figures):
             key = f"**{f['key']}**" if i == 0 else f["key"]
-            rows.append([bench, threads, key, _value(f), f.get("target") or "-", _met(f),
-                         format_spread(f.get("spread") or {}), _cell(f.get("note", ""))])
+            rows.append(
+                [
+                    bench,
+                    threads,
+                    key,
+                    _value(f),
+                    f.get("target") or "-",
+                    _met(f),
+                    format_spread(f.get("spread") or {}),
+                    _cell(f.get("note", "")),
+                ]
+            )
     return rows
 
 
@@ -225,7 +292,8 @@ def render(results: list[dict[str, Any]], *, quick: bool, started: dt.datetime, 
         "",
         f"Written by `python -m benchmarks.run_all{' --quick' if quick else ''}` (`make bench`) on "
         f"{started.strftime('%Y-%m-%d %H:%M UTC')} in {wall_s / 60:.1f} min"
-        f"{' -- QUICK sizes, not the reference figures' if quick else ''}. Do not edit by hand: rerun it.",
+        f"{' -- QUICK sizes, not the reference figures' if quick else ''}; each run's own date is in the "
+        "summary below. Do not edit by hand: rerun it.",
         "How each figure is measured is in the docstring of `benchmarks/<benchmark>.py`; the rules "
         "(interleaved ratios in one process, warm-up, fixed threads, like with like) are in BENCHMARKING.md.",
         "",
@@ -237,8 +305,8 @@ def render(results: list[dict[str, Any]], *, quick: bool, started: dt.datetime, 
         "",
         "## Figures",
         "",
-        "`met`: the figure meets its target; **SHORT**: it does not (kept, with what was tried in the notes); "
-        "`info`: no target. The first (bold) figure of each benchmark is its headline.",
+        "`met`: the figure meets its target; **SHORT**: it does not (kept, with what was tried in the "
+        "notes); `info`: no target. The first (bold) figure of each benchmark is its headline.",
         "",
         "| benchmark | threads | figure | value | target | met | spread (min..max, IQR, n) | notes |",
         "|---|---|---|---|---|---|---|---|",
@@ -251,7 +319,11 @@ def render(results: list[dict[str, Any]], *, quick: bool, started: dt.datetime, 
         text = r.get("error") if r.get("failed") else r.get("note", "")
         wall = r.get("wall_s_total", r.get("wall_s"))
         wall_text = f", {wall:.0f} s" if isinstance(wall, (int, float)) else ""
-        lines.append(f"- **{r.get('bench')}** ({r.get('threads')} thread(s){wall_text}): {status}. {_cell(text)}")
+        if r.get("measured_at"):
+            wall_text += f", {r['measured_at']}"
+        lines.append(
+            f"- **{r.get('bench')}** ({r.get('threads')} thread(s){wall_text}): {status}. {_cell(text)}"
+        )
     lines += ["", "<details><summary>Raw JSON lines</summary>", "", "```json"]
     for r in results:
         slim = {k: v for k, v in r.items() if k != "stderr_tail"}
@@ -260,22 +332,73 @@ def render(results: list[dict[str, Any]], *, quick: bool, started: dt.datetime, 
     return "\n".join(lines)
 
 
+def load_previous(path: Path) -> list[dict[str, Any]]:
+    """The results recorded in an earlier RESULTS.md (its raw JSON block); [] when there is none."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return []
+    start = text.find("```json\n")
+    end = text.find("```", start + 8) if start >= 0 else -1
+    if start < 0 or end < 0:
+        return []
+    found = []
+    for line in text[start + 8 : end].splitlines():
+        value = parse_last_json(line)
+        if value is not None and "bench" in value:
+            found.append(value)
+    return found
+
+
+def merge(
+    previous: list[dict[str, Any]], new: list[dict[str, Any]], order: list[str]
+) -> list[dict[str, Any]]:
+    """``new`` replaces every entry of the benchmarks it covers; the other benchmarks' entries stay."""
+    covered = {r.get("bench") for r in new}
+    kept = [r for r in previous if r.get("bench") not in covered]
+    rank = {name: i for i, name in enumerate(order)}
+
+    def key(r: dict[str, Any]) -> tuple[int, str, int]:
+        threads = r.get("threads")
+        return (
+            rank.get(r.get("bench"), len(rank)),
+            str(r.get("bench")),
+            threads if isinstance(threads, int) else 0,
+        )
+
+    return sorted(kept + new, key=key)
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run every benchmark and rewrite benchmarks/RESULTS.md.")
-    parser.add_argument("--quick", action="store_true", help="quick sizes (RESULTS.md untouched unless --output)")
+    parser.add_argument(
+        "--quick", action="store_true", help="quick sizes (RESULTS.md untouched unless --output)"
+    )
     parser.add_argument("--only", default="", help="comma-separated benchmark or module names")
-    parser.add_argument("--threads", default="", help="comma-separated thread counts for every benchmark "
-                        "(default: each benchmark's THREADS)")
-    parser.add_argument("--output", default=None, help=f"markdown file to write (default {RESULTS.name} "
-                        "for full runs, none for --quick)")
+    parser.add_argument(
+        "--threads",
+        default="",
+        help="comma-separated thread counts for every benchmark (default: each benchmark's THREADS)",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        help=f"markdown file to write (default {RESULTS.name} for full runs, none for --quick)",
+    )
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per run")
     parser.add_argument("--list", action="store_true", help="list the benchmarks found and exit")
+    parser.add_argument(
+        "--no-merge",
+        action="store_true",
+        help="with --only: write only the runs made now (default: keep the output file's other rows)",
+    )
     args = parser.parse_args(argv)
 
     benches = discover()
+    order = [b.name for b in benches]
     if args.only:
         wanted = {w.strip() for w in args.only.split(",") if w.strip()}
         unknown = wanted - {b.name for b in benches} - {b.module for b in benches}
@@ -294,19 +417,31 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for bench in benches:
         for n in thread_override or bench.threads:
-            results.append(run_one(bench, n, args.quick, args.timeout))
+            try:
+                results.append(run_one(bench, n, args.quick, args.timeout))
+            except Exception as exc:  # noqa: BLE001 - one benchmark must not stop the others
+                results.append(_failure(bench, n, args.quick, f"run_all error: {exc!r}", 0.0, []))
     wall = time.perf_counter() - t0
-    text = render(results, quick=args.quick, started=started, wall_s=wall)
     output = Path(args.output) if args.output else (None if args.quick else RESULTS)
+    shown = results
+    if args.only and output is not None and not args.no_merge:
+        shown = merge(load_previous(output), results, order)
+    text = render(shown, quick=args.quick, started=started, wall_s=wall)
     if output is not None:
         output.write_text(text, encoding="utf-8")
         print(f"\nrun_all: wrote {output} ({len(results)} runs, {wall / 60:.1f} min)", file=sys.stderr)
     else:
         print(text, file=sys.stderr)
     failed = [r for r in results if r.get("failed")]
-    summary = {"bench": "run_all", "runs": len(results), "failed": len(failed),
-               "short": sum(1 for r in results if r.get("met") is False and not r.get("failed")),
-               "quick": args.quick, "wall_s": round(wall, 1), "output": str(output) if output else None}
+    summary = {
+        "bench": "run_all",
+        "runs": len(results),
+        "failed": len(failed),
+        "short": sum(1 for r in results if r.get("met") is False and not r.get("failed")),
+        "quick": args.quick,
+        "wall_s": round(wall, 1),
+        "output": str(output) if output else None,
+    }
     print(json.dumps(summary), flush=True)
     return 1 if failed else 0
 

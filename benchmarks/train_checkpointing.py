@@ -31,7 +31,9 @@ TIME_TARGET = "<= 1.35"
 
 
 def _add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--layers", type=int, default=None, help="gpt-tiny n_layer (default 8; 4 with --quick)")
+    parser.add_argument(
+        "--layers", type=int, default=None, help="gpt-tiny n_layer (default 8; 4 with --quick)"
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="default 32; 16 with --quick")
 
 
@@ -52,7 +54,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     ckpt = copy.deepcopy(plain)
     wrapped = apply_activation_checkpointing(ckpt, every=1)
     data = tk.create_dataset("pycode", "train", seq_len=seq_len)
-    x, y = next(iter(DataLoader(data, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(0))))
+    x, y = next(
+        iter(DataLoader(data, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    )
 
     def loss_of(model: torch.nn.Module) -> torch.Tensor:
         logits = model(x)
@@ -73,9 +77,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     remove_activation_checkpointing(ckpt)
     apply_activation_checkpointing(ckpt, every=1)
     memory_ratio = ckpt_bytes / plain_bytes
-    log(f"[{BENCH}] gpt-tiny n_layer={n_layer} batch {bs}x{seq_len}: saved for backward "
+    log(
+        f"[{BENCH}] gpt-tiny n_layer={n_layer} batch {bs}x{seq_len}: saved for backward "
         f"{plain_bytes / 2**20:.1f} MiB plain, {ckpt_bytes / 2**20:.1f} MiB checkpointed "
-        f"({len(wrapped)} blocks), {every2_bytes / 2**20:.1f} MiB every 2nd ({len(every2)} blocks)")
+        f"({len(wrapped)} blocks), {every2_bytes / 2**20:.1f} MiB every 2nd ({len(every2)} blocks)"
+    )
 
     def stepper(model: torch.nn.Module) -> Any:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
@@ -90,27 +96,61 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         return step
 
     log(f"[{BENCH}] timing steps, threads {torch.get_num_threads()} ...")
-    stats = interleaved_ratio(stepper(plain), stepper(ckpt), warmup=2, min_pairs=5 if args.quick else 10,
-                              max_pairs=6 if args.quick else 30, target_iqr=0.05,
-                              max_time_s=15.0 if args.quick else 60.0)
+    stats = interleaved_ratio(
+        stepper(plain),
+        stepper(ckpt),
+        warmup=2,
+        min_pairs=5 if args.quick else 10,
+        max_pairs=6 if args.quick else 30,
+        target_iqr=0.05,
+        max_time_s=15.0 if args.quick else 60.0,
+    )
     figures = [
-        figure("memory_ratio", memory_ratio, MEMORY_TARGET, rounds=1,
-               note=f"saved-for-backward bytes, checkpointed/plain: {ckpt_bytes / 2**20:.1f} / "
-                    f"{plain_bytes / 2**20:.1f} MiB (exact count, saved_tensor_bytes)"),
-        figure("time_ratio", stats.time_ratio, TIME_TARGET, spread=ratio_spread(stats, "time_ratios"),
-               rounds=stats.pairs,
-               note=f"step time checkpointed/plain ({stats.median_b * 1e3:.0f} / {stats.median_a * 1e3:.0f} ms)"),
-        figure("memory_ratio_every_2", every2_bytes / plain_bytes, rounds=1,
-               note="every second block checkpointed"),
+        figure(
+            "memory_ratio",
+            memory_ratio,
+            MEMORY_TARGET,
+            rounds=1,
+            note=f"saved-for-backward bytes, checkpointed/plain: {ckpt_bytes / 2**20:.1f} / "
+            f"{plain_bytes / 2**20:.1f} MiB (exact count, saved_tensor_bytes)",
+        ),
+        figure(
+            "time_ratio",
+            stats.time_ratio,
+            TIME_TARGET,
+            spread=ratio_spread(stats, "time_ratios"),
+            rounds=stats.pairs,
+            note=f"step time checkpointed/plain ({stats.median_b * 1e3:.0f} / {stats.median_a * 1e3:.0f} ms)",
+        ),
+        figure(
+            "memory_ratio_every_2",
+            every2_bytes / plain_bytes,
+            rounds=1,
+            note="every second block checkpointed",
+        ),
     ]
-    note = (f"gpt-tiny n_layer={n_layer}, batch {bs}, every block checkpointed: activation memory "
-            f"x{memory_ratio:.2f}, step time x{stats.time_ratio:.2f}; the remaining saved bytes are the blocks' "
-            "inputs plus the embedding, final norm, LM head and loss, which checkpointing leaves alone")
-    return record(BENCH, figures, note=note, quick=bool(args.quick), n_layer=n_layer, batch_size=bs,
-                  seq_len=seq_len, plain_saved_bytes=plain_bytes, ckpt_saved_bytes=ckpt_bytes,
-                  every2_saved_bytes=every2_bytes, plain_saved_tensors=plain_count,
-                  ckpt_saved_tensors=ckpt_count, loss_check={"plain": plain_loss, "ckpt": ckpt_loss},
-                  plain_ms_per_step=stats.median_a * 1e3, ckpt_ms_per_step=stats.median_b * 1e3)
+    note = (
+        f"gpt-tiny n_layer={n_layer}, batch {bs}, every block checkpointed: activation memory "
+        f"x{memory_ratio:.2f}, step time x{stats.time_ratio:.2f}; the remaining saved bytes are the blocks' "
+        "inputs plus the embedding, final norm, LM head and loss, which checkpointing leaves alone"
+    )
+    return record(
+        BENCH,
+        figures,
+        note=note,
+        quick=bool(args.quick),
+        n_layer=n_layer,
+        batch_size=bs,
+        seq_len=seq_len,
+        plain_saved_bytes=plain_bytes,
+        ckpt_saved_bytes=ckpt_bytes,
+        every2_saved_bytes=every2_bytes,
+        plain_saved_tensors=plain_count,
+        ckpt_saved_tensors=ckpt_count,
+        loss_check={"plain": plain_loss, "ckpt": ckpt_loss},
+        plain_ms_per_step=stats.median_a * 1e3,
+        ckpt_ms_per_step=stats.median_b * 1e3,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -53,7 +53,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     compiled_base = copy.deepcopy(eager)
     compiled = torch.compile(compiled_base, mode=args.mode)
     data = tk.create_dataset("pycode", "train", seq_len=cfg["seq_len"])
-    x, y = next(iter(DataLoader(data, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(0))))
+    x, y = next(
+        iter(DataLoader(data, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    )
 
     def stepper(run: torch.nn.Module, params: Any) -> Any:
         optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True)
@@ -70,8 +72,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     eager_step = stepper(eager, eager.parameters())
     compiled_step = stepper(compiled, compiled_base.parameters())
-    log(f"[{BENCH}] gpt-tiny {cfg} batch {bs}, threads {torch.get_num_threads()}: compiling "
-        f"(mode={args.mode}, cache {INDUCTOR_CACHE_DIR}) ...")
+    log(
+        f"[{BENCH}] gpt-tiny {cfg} batch {bs}, threads {torch.get_num_threads()}: compiling "
+        f"(mode={args.mode}, cache {INDUCTOR_CACHE_DIR}) ..."
+    )
     t0 = time.perf_counter()
     first_loss = compiled_step()
     compile_s = time.perf_counter() - t0
@@ -80,23 +84,50 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         compiled_step()
         eager_step()
     log(f"[{BENCH}] first compiled step {compile_s:.1f} s; timing ...")
-    stats = interleaved_ratio(eager_step, compiled_step, warmup=1, min_pairs=5 if args.quick else 10,
-                              max_pairs=10 if args.quick else 30, target_iqr=0.05,
-                              max_time_s=10.0 if args.quick else 60.0)
+    stats = interleaved_ratio(
+        eager_step,
+        compiled_step,
+        warmup=1,
+        min_pairs=5 if args.quick else 10,
+        max_pairs=10 if args.quick else 30,
+        target_iqr=0.05,
+        max_time_s=10.0 if args.quick else 60.0,
+    )
     figures = [
-        figure("speedup", stats.speedup, spread=ratio_spread(stats), rounds=stats.pairs,
-               note=f"t_eager/t_compiled per training step ({stats.median_a * 1e3:.0f} / "
-                    f"{stats.median_b * 1e3:.0f} ms), fp32, model compiled, optimizer eager"),
-        figure("compile_s", compile_s, unit="s", rounds=1,
-               note="first compiled step (compilation; warm if the private cache already had it)"),
+        figure(
+            "speedup",
+            stats.speedup,
+            spread=ratio_spread(stats),
+            rounds=stats.pairs,
+            note=f"t_eager/t_compiled per training step ({stats.median_a * 1e3:.0f} / "
+            f"{stats.median_b * 1e3:.0f} ms), fp32, model compiled, optimizer eager",
+        ),
+        figure(
+            "compile_s",
+            compile_s,
+            unit="s",
+            rounds=1,
+            note="first compiled step (compilation; warm if the private cache already had it)",
+        ),
     ]
-    note = (f"torch.compile(mode={args.mode}) {stats.speedup:.2f}x vs eager on gpt-tiny "
-            f"{'(quick: small config) ' if args.quick else ''}at {torch.get_num_threads()} thread(s); "
-            "informational, no target")
-    return record(BENCH, figures, note=note, quick=bool(args.quick), model=f"gpt-tiny {cfg}", batch_size=bs,
-                  eager_ms_per_step=stats.median_a * 1e3, compiled_ms_per_step=stats.median_b * 1e3,
-                  first_loss={"eager": eager_first, "compiled": first_loss}, mode=args.mode,
-                  inductor_cache=".cache/inductor-bench")
+    note = (
+        f"torch.compile(mode={args.mode}) {stats.speedup:.2f}x vs eager on gpt-tiny "
+        f"{'(quick: small config) ' if args.quick else ''}at {torch.get_num_threads()} thread(s); "
+        "informational, no target"
+    )
+    return record(
+        BENCH,
+        figures,
+        note=note,
+        quick=bool(args.quick),
+        model=f"gpt-tiny {cfg}",
+        batch_size=bs,
+        eager_ms_per_step=stats.median_a * 1e3,
+        compiled_ms_per_step=stats.median_b * 1e3,
+        first_loss={"eager": eager_first, "compiled": first_loss},
+        mode=args.mode,
+        inductor_cache=".cache/inductor-bench",
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -16,12 +16,18 @@ Two measurements, both alternating hand and fit in one process:
 ``ratio``
     Whole calls of N steps (optimizer and loader built inside the call, as fit does), A B / B A pairs
     via ``interleaved_ratio``; the median of per-pair t_hand / t_fit, fit's start-up and wrap-up included.
-``ratio_steady``
-    Steady state: one long ``fit`` run whose callback (called with each 10-step metrics record) runs
-    10 hand-loop steps on a second copy of the model; fit's 10 steps (with its logging) and the hand
-    loop's 10 steps alternate every ~30 ms, which cancels most of the machine's drift. Median of
-    per-chunk t_hand / t_fit. The progress bar's refresh thread runs during both halves, so about half
-    of its (small) cost is charged to the hand loop here.
+``ratio_steady`` (informational)
+    One long ``fit`` run whose callback (called with each 10-step metrics record) runs 10 hand-loop
+    steps on a second copy of the model, so fit's 10 steps (with its logging) and the hand loop's 10
+    steps alternate every ~30 ms: the median of per-chunk t_hand / t_fit. It cancels the machine's drift
+    far better, but it shares between the two halves whatever does not stay inside a chunk (background
+    threads, cache and allocator state left by the other half), and here it has read consistently
+    higher than ``ratio`` (0.97-0.99 against 0.86-0.98 for whole calls). A real run is fit alone, so
+    the target is judged on ``ratio``; use this one to locate per-step costs.
+
+On this shared 2-core machine the whole-call median moves from run to run by more than the 2% the
+target allows: five full runs while this benchmark was written gave 0.98, 0.93, 0.86, 0.90 and 0.99
+(per-pair ratios spanning about 0.6-1.3 within each run). Read ``ratio`` with its spread.
 
 ``startup_ms`` is fit(max_steps=1) minus hand(1). ``*_cpu_time`` figures are the same pairs timed with
 process CPU time (all threads), which a busy neighbour disturbs less than wall time.
@@ -40,16 +46,36 @@ from typing import Any
 from benchmarks._common import figure, log, ratio_spread, record, run_benchmark, spread_of, throwaway_terminal
 
 BENCH = "train_overhead"
-THREADS = (1, 2)
+# 1 thread only: at 2 threads this machine's eager stalls (a neighbour takes a core) swamp a ~2% effect --
+# a 2-thread run here gave per-pair ratios from 0.13 to 2.3. Run `--threads 2` by hand on a quiet machine.
+THREADS = (1,)
 TARGET = ">= 0.98"
 LOG_EVERY = 10
+# What was tried when the ratio fell short (an investigation on this machine, torch 2.13, at the time of
+# writing; rerun the ablation before trusting it for a later fit).
+TRIED = (
+    "Tried: 600-step whole calls and 10-step chunks interleaved inside one run (the latter reads 0.97-0.99); "
+    "ablations: the bar, JSONL and TensorBoard logging each cost about 1% or less, and fit with all of "
+    "them off is still ~5-10% slower per step than the hand loop in whole calls (process CPU time, "
+    "800-step calls), where cProfile shows the same ops (backward, linear, optimizer step) running slower "
+    "rather than new Python work; an earlier revision's per-step glue (loss split/count/window share, "
+    "moves) cost ~5% in a hand-loop replica. Start-up is 20-40 ms per call"
+)
 
 
 def _add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps per whole call (default 600; 100 with --quick)")
-    parser.add_argument("--chunks", type=int, default=None,
-                        help="10-step chunk pairs in the steady-state run (default 300; 30 with --quick)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps per whole call (default 600; 100 with --quick)",
+    )
+    parser.add_argument(
+        "--chunks",
+        type=int,
+        default=None,
+        help="10-step chunk pairs in the steady-state run (default 300; 30 with --quick)",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
 
 
@@ -68,7 +94,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     hidden = (512, 512)
     fit_steps_steady = LOG_EVERY * (chunks + chunk_warmup + 1)
     n_items = bs * (max(steps, fit_steps_steady) + 8)
-    ds = tk.create_dataset("synthetic", "train", task="classification", n=n_items, features=64, num_classes=10)
+    ds = tk.create_dataset(
+        "synthetic", "train", task="classification", n=n_items, features=64, num_classes=10
+    )
     torch.manual_seed(0)
     hand_model = tk.create_model("mlp", in_features=64, hidden=hidden, num_classes=10)
     fit_model = copy.deepcopy(hand_model)
@@ -89,11 +117,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             if i + 1 >= n:
                 break
 
-    def fit(n: int = steps, out_dir: Path = tmp / "fit", epochs: int = 1, data: Any = ds,
-            callbacks: tuple = ()) -> Any:
+    def fit(
+        n: int = steps, out_dir: Path = tmp / "fit", epochs: int = 1, data: Any = ds, callbacks: tuple = ()
+    ) -> Any:
         with throwaway_terminal():
-            return tk.fit(fit_model, data, batch_size=bs, max_steps=n, epochs=epochs, progress="on",
-                          out_dir=str(out_dir), log_every=LOG_EVERY, flops=False, callbacks=callbacks)
+            return tk.fit(
+                fit_model,
+                data,
+                batch_size=bs,
+                max_steps=n,
+                epochs=epochs,
+                progress="on",
+                out_dir=str(out_dir),
+                log_every=LOG_EVERY,
+                flops=False,
+                callbacks=callbacks,
+            )
 
     # Process CPU time of the same whole calls, recorded beside interleaved_ratio's wall clock.
     warmup = 1
@@ -105,17 +144,31 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             c0 = time.process_time()
             fn()
             sink.append(time.process_time() - c0)
+
         return run
 
     try:
-        log(f"[{BENCH}] mlp {hidden} batch {bs}, threads {torch.get_num_threads()}: "
-            f"whole calls of {steps} steps ...")
-        stats = interleaved_ratio(cpu_timed(hand, cpu_a), cpu_timed(fit, cpu_b), warmup=warmup,
-                                  min_pairs=5 if args.quick else 8, max_pairs=8 if args.quick else 20,
-                                  target_iqr=0.02, max_time_s=12.0 if args.quick else 60.0)
+        log(
+            f"[{BENCH}] mlp {hidden} batch {bs}, threads {torch.get_num_threads()}: "
+            f"whole calls of {steps} steps ..."
+        )
+        stats = interleaved_ratio(
+            cpu_timed(hand, cpu_a),
+            cpu_timed(fit, cpu_b),
+            warmup=warmup,
+            min_pairs=5 if args.quick else 8,
+            max_pairs=8 if args.quick else 20,
+            target_iqr=0.02,
+            max_time_s=12.0 if args.quick else 60.0,
+        )
         cpu_ratios = [a / b for a, b in zip(cpu_a[warmup:], cpu_b[warmup:], strict=True) if b > 0]
         diffs_us = [(tb - ta) / steps * 1e6 for ta, tb in zip(stats.times_a, stats.times_b, strict=True)]
 
+        # Keep the steady-state run to a time budget: a busy machine (or 2 stalling threads) slows steps.
+        budget_s = 8.0 if args.quick else 45.0
+        step_s = max(stats.median_a, stats.median_b) / steps
+        chunks = max(20, min(chunks, int(budget_s / (2 * LOG_EVERY * step_s))))
+        fit_steps_steady = LOG_EVERY * (chunks + chunk_warmup + 1)
         log(f"[{BENCH}] steady state: {chunks} pairs of {LOG_EVERY}-step chunks inside one fit run ...")
         marks: list[tuple[float, float, float, float]] = []
         hand_opt = torch.optim.AdamW(hand_model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
@@ -145,19 +198,31 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         steady_us = [(f - h) * 1e3 for f, h in zip(steady_fit_ms, steady_hand_ms, strict=True)]
 
         log(f"[{BENCH}] start-up and epoch-end costs ...")
-        startup = interleaved_ratio(lambda: hand(1), lambda: fit(1), warmup=2, min_pairs=5,
-                                    max_pairs=15, target_iqr=0.05, max_time_s=5.0)
+        startup = interleaved_ratio(
+            lambda: hand(1),
+            lambda: fit(1),
+            warmup=2,
+            min_pairs=5,
+            max_pairs=15,
+            target_iqr=0.05,
+            max_time_s=5.0,
+        )
         startup_ms = [(tb - ta) * 1e3 for ta, tb in zip(startup.times_a, startup.times_b, strict=True)]
 
-        small = torch.utils.data.Subset(ds, range(bs * LOG_EVERY))
-        epoch_ms: list[float] = []
-        for _ in range(3 if args.quick else 5):
-            t0 = time.perf_counter()
-            fit(LOG_EVERY, tmp / "epoch", data=small)  # the whole (10-batch) epoch: checkpoint at its end
-            t_epoch = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            fit(LOG_EVERY, tmp / "noepoch")  # the same 10 steps, stopping by max_steps before an epoch end
-            epoch_ms.append((t_epoch - (time.perf_counter() - t0)) * 1e3)
+        # The same 10 steps, ending by max_steps (no checkpoint) or at a 10-batch epoch end (checkpoint).
+        # (two small datasets of nearly the same size, so the samplers' shuffles cost the same).
+        exact = torch.utils.data.Subset(ds, range(bs * LOG_EVERY))
+        longer = torch.utils.data.Subset(ds, range(bs * (LOG_EVERY + 1)))
+        epoch = interleaved_ratio(
+            lambda: fit(LOG_EVERY, tmp / "noepoch", data=longer),
+            lambda: fit(LOG_EVERY, tmp / "epoch", data=exact),
+            warmup=1,
+            min_pairs=5,
+            max_pairs=7 if args.quick else 11,
+            target_iqr=0.05,
+            max_time_s=5.0,
+        )
+        epoch_ms = [(tb - ta) * 1e3 for ta, tb in zip(epoch.times_a, epoch.times_b, strict=True)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -166,35 +231,89 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     steady_s = spread_of(steady)
     start = spread_of(startup_ms)
     figures = [
-        figure("ratio", stats.speedup, TARGET, spread=ratio_spread(stats), rounds=stats.pairs,
-               note=f"fit/hand throughput, whole calls of {steps} steps incl. fit start-up "
-                    f"(hand {hand_ms:.2f} ms/step)"),
-        figure("ratio_steady", steady_s["median"], TARGET, spread=steady_s,
-               note=f"fit/hand, {LOG_EVERY}-step chunks alternating inside one fit run"),
-        figure("ratio_cpu_time", spread_of(cpu_ratios)["median"], spread=spread_of(cpu_ratios),
-               note="whole calls, process CPU time"),
-        figure("ratio_steady_cpu_time", spread_of(steady_cpu)["median"], spread=spread_of(steady_cpu),
-               note="steady-state chunks, process CPU time"),
-        figure("overhead_us_per_step", overhead["median"], spread=overhead, unit="us",
-               note="whole calls: median per-pair (t_fit - t_hand) / steps"),
-        figure("overhead_us_per_step_steady", spread_of(steady_us)["median"], spread=spread_of(steady_us),
-               unit="us", note="steady state: median per-chunk (t_fit - t_hand) / 10"),
-        figure("startup_ms", start["median"], spread=start, unit="ms",
-               note="fit(max_steps=1) - hand(1): optimizer, loader, monitor, model.pt + summary"),
-        figure("epoch_end_ms", spread_of(epoch_ms)["median"], spread=spread_of(epoch_ms), unit="ms",
-               note="what an epoch end adds with out_dir (checkpoint + fsync); in neither ratio"),
+        figure(
+            "ratio",
+            stats.speedup,
+            TARGET,
+            spread=ratio_spread(stats),
+            rounds=stats.pairs,
+            note=f"fit/hand throughput, whole calls of {steps} steps incl. fit start-up "
+            f"(hand {hand_ms:.2f} ms/step)",
+        ),
+        figure(
+            "ratio_steady",
+            steady_s["median"],
+            spread=steady_s,
+            note=f"fit/hand, {LOG_EVERY}-step chunks alternating inside one fit run (shares background and "
+            "cache effects between the halves; reads high)",
+        ),
+        figure(
+            "ratio_cpu_time",
+            spread_of(cpu_ratios)["median"],
+            spread=spread_of(cpu_ratios),
+            note="whole calls, process CPU time",
+        ),
+        figure(
+            "ratio_steady_cpu_time",
+            spread_of(steady_cpu)["median"],
+            spread=spread_of(steady_cpu),
+            note="steady-state chunks, process CPU time",
+        ),
+        figure(
+            "overhead_us_per_step",
+            overhead["median"],
+            spread=overhead,
+            unit="us",
+            note="whole calls: median per-pair (t_fit - t_hand) / steps",
+        ),
+        figure(
+            "overhead_us_per_step_steady",
+            spread_of(steady_us)["median"],
+            spread=spread_of(steady_us),
+            unit="us",
+            note="steady state: median per-chunk (t_fit - t_hand) / 10",
+        ),
+        figure(
+            "startup_ms",
+            start["median"],
+            spread=start,
+            unit="ms",
+            note="fit(max_steps=1) - hand(1): optimizer, loader, monitor, model.pt + summary",
+        ),
+        figure(
+            "epoch_end_ms",
+            spread_of(epoch_ms)["median"],
+            spread=spread_of(epoch_ms),
+            unit="ms",
+            note="what an epoch end adds with out_dir (checkpoint + fsync); in neither ratio",
+        ),
     ]
+    note_noise = (
+        "run-to-run the whole-call median has varied 0.86-0.99 here (noisy shared machine; see the "
+        "per-pair spread)"
+    )
     short = [f["key"] for f in figures if f["met"] is False]
-    note = (f"fit (bar on, JSONL+TensorBoard every {LOG_EVERY} steps) vs a bare hand loop on a ~{hand_ms:.1f} "
-            f"ms step: fit adds ~{spread_of(steady_us)['median']:.0f} us/step in steady state and "
-            f"~{start['median']:.0f} ms per call")
+    note = (
+        f"fit (bar on, JSONL+TensorBoard every {LOG_EVERY} steps) vs a bare hand loop on a ~{hand_ms:.1f} "
+        f"ms step: fit adds ~{spread_of(steady_us)['median']:.0f} us/step in steady state and "
+        f"~{start['median']:.0f} ms per call; {note_noise}"
+    )
     if short:
-        note += f"; SHORT: {', '.join(short)} (see the issue note for where the time goes)"
-    return record(BENCH, figures, note=note, quick=bool(args.quick), steps_per_call=steps, chunks=len(steady),
-                  batch_size=bs, model=f"mlp hidden={list(hidden)}", hand_ms_per_step=hand_ms,
-                  fit_ms_per_step=stats.median_b / steps * 1e3,
-                  steady_hand_ms_per_step=spread_of(steady_hand_ms)["median"],
-                  steady_fit_ms_per_step=spread_of(steady_fit_ms)["median"])
+        note += f"; SHORT: {', '.join(short)}. " + TRIED
+    return record(
+        BENCH,
+        figures,
+        note=note,
+        quick=bool(args.quick),
+        steps_per_call=steps,
+        chunks=len(steady),
+        batch_size=bs,
+        model=f"mlp hidden={list(hidden)}",
+        hand_ms_per_step=hand_ms,
+        fit_ms_per_step=stats.median_b / steps * 1e3,
+        steady_hand_ms_per_step=spread_of(steady_hand_ms)["median"],
+        steady_fit_ms_per_step=spread_of(steady_fit_ms)["median"],
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
