@@ -3,8 +3,9 @@ on real bundled data, and the comparison printed (throughput, accuracy, what cha
 
 The baseline is what a typical snippet does: fp32, the for-loop Adam, a constant learning rate.
 The optimized recipe turns on what measurably helps on this kind of machine: bf16 autocast where the
-CPU or GPU has bf16 units (attention kept in fp32 with the flash kernel on CPU), the fused AdamW kernel, a warm-up +
-cosine schedule, channels_last for the conv net. Both runs see the same data, steps and seed.
+CPU or GPU has bf16 units (attention kept in fp32 with the flash kernel on CPU), the fused AdamW
+kernel, a warm-up + cosine schedule, channels_last for the conv net. Both runs see the same data,
+steps and seed.
 """
 
 from __future__ import annotations

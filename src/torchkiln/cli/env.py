@@ -91,7 +91,11 @@ def _print_env(env: dict[str, Any]) -> None:
 def env_command(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable JSON dump on stdout."),
     no_peak: bool = typer.Option(False, "--no-peak", help="Do not measure (or read) the GEMM peak."),
-    refresh: bool = typer.Option(False, "--refresh", help="Re-measure the GEMM peak (ignore the cache)."),
+    refresh: bool = typer.Option(
+        False,
+        "--refresh",
+        help="Measure the GEMM peak again (the cache keeps the best measurement: load only lowers it).",
+    ),
 ) -> None:
     """Show versions, CPU/GPU features and this machine's measured GEMM peak (FLOP/s per dtype)."""
     from torchkiln.measure import collect_env

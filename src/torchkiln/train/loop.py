@@ -584,9 +584,10 @@ def fit(
                 result.losses.append(loss_value)
                 result.lrs.append(lr)
 
-                elapsed = time.perf_counter() - t0
-                if first_window_done:
-                    timed_s += elapsed
+                t_mid = time.perf_counter()
+                counted = first_window_done
+                if counted:
+                    timed_s += t_mid - t0
                 else:  # the first window carries compile/warm-up cost: keep it out of throughput
                     first_window_done = True
                     sample_count = token_count = real_token_count = 0
@@ -604,6 +605,8 @@ def fit(
                         if token_count:
                             record["tokens_per_s"] = token_count / timed_s
                     log(record)
+                if counted:  # the bar and the metrics are part of what a step costs
+                    timed_s += time.perf_counter() - t_mid
 
                 if stepped and cfg.eval_every and state.step % cfg.eval_every == 0:
                     stop = run_eval()
@@ -629,8 +632,9 @@ def fit(
             run_eval()
         if done_at["checkpoint"] != state.step:
             save_checkpoint(epoch_end=False)
-    finally:
+    except BaseException:
         monitor.close()
+        raise
 
     # --- results --------------------------------------------------------------------------------------
     result.steps, result.skipped_steps, result.nonfinite_losses = state.step, state.skipped, state.nonfinite
@@ -653,9 +657,8 @@ def fit(
         ckpt_io.atomic_save(original.state_dict(), out_dir / "model.pt")
         summary = result.summary()
         summary["event"] = "summary"
-        monitor_final = Monitor(total_steps=0, out_dir=out_dir, progress="off", tensorboard=False)
-        monitor_final.log(summary)
-        monitor_final.close()
+        monitor.log(summary, tensorboard=False)
+    monitor.close()
     return result
 
 

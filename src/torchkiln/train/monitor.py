@@ -91,12 +91,12 @@ class Monitor:
         )
         self._pending = 0
 
-    def log(self, record: dict[str, Any]) -> None:
-        """Write one metrics record (JSONL and TensorBoard scalars)."""
+    def log(self, record: dict[str, Any], *, tensorboard: bool = True) -> None:
+        """Write one metrics record (JSONL and, with ``tensorboard``, TensorBoard scalars)."""
         if self._jsonl is not None:
             self._jsonl.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
             self._jsonl.flush()
-        if self._tb is not None:
+        if self._tb is not None and tensorboard:
             step = int(record.get("step", 0))
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
