@@ -55,6 +55,7 @@ class Monitor:
         self._last_refresh = 0.0
         self._fields: dict[str, str] = {"loss": "-", "lr": "-", "rate": "-"}
         if show:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._progress = Progress(
@@ -63,6 +64,7 @@ class Monitor:
                 MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[rate]}"),
                 TimeRemainingColumn(),
+                console=Console(stderr=True),  # stdout stays clean for the caller's output
                 auto_refresh=False,  # redrawn from step() at most every REFRESH_S: no render thread
                 transient=False,
             )
