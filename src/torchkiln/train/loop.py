@@ -627,10 +627,11 @@ def fit(
                 state.epoch += 1
             elif stop and cfg.early_stopping is not None and state.bad_evals >= cfg.early_stopping.patience:
                 result.stopped_early = True
-        # Stopped mid-epoch (max_steps): evaluate the final weights and checkpoint them for a later resume.
+        # Stopped mid-epoch (max_steps): evaluate the final weights; with periodic checkpoints on,
+        # checkpoint them too so a later --resume continues from here (model.pt is written regardless).
         if done_at["eval"] != state.step and not result.stopped_early:
             run_eval()
-        if done_at["checkpoint"] != state.step:
+        if cfg.checkpoint_every and done_at["checkpoint"] != state.step:
             save_checkpoint(epoch_end=False)
     except BaseException:
         monitor.close()
