@@ -283,3 +283,13 @@ def test_progress_bar_jsonl_and_tensorboard(tmp_path):
     assert sum("val_loss" in r for r in records if "event" not in r) == 2
     assert records[-1]["event"] == "summary" and records[-1]["steps"] == result.steps
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_plain_progress_lines_without_a_terminal(monkeypatch, capsys):
+    import torchkiln.train.monitor as monitor
+
+    monkeypatch.setattr(monitor, "PLAIN_EVERY_S", 0.0)
+    model, data = make_case("mlp")
+    fit(model, data, batch_size=8, epochs=1, progress="auto", flops=False)  # pytest's stderr is no tty
+    lines = [line for line in capsys.readouterr().err.splitlines() if " step " in line]
+    assert lines and lines[-1].startswith("MLP step 6/6  loss ")

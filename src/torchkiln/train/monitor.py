@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+PLAIN_EVERY_S = 10.0  # without a terminal: one progress line per this many seconds (none in short runs)
 REFRESH_S = 0.5  # a redraw costs ~1-2 ms of Python; twice a second keeps the bar live and the cost < 0.5 %
 
 
@@ -49,6 +50,10 @@ class Monitor:
                 if SummaryWriter is not None:
                     self._tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
         show = progress == "on" or (progress == "auto" and sys.stderr.isatty())
+        # Not a terminal (a log file, CI): a plain line on stderr every PLAIN_EVERY_S instead of a bar.
+        self._plain = progress == "auto" and not show
+        self._description = description
+        self._started = time.perf_counter()
         self._progress = None
         self._task = None
         self._pending = 0
@@ -81,6 +86,17 @@ class Monitor:
     def step(self, step: int, loss: float, lr: float, samples: int, seconds: float) -> None:
         """Called once per optimizer step; cheap unless a refresh is due."""
         if self._progress is None:
+            if self._plain:
+                now = time.perf_counter()
+                if now - self._last_refresh >= PLAIN_EVERY_S and now - self._started >= PLAIN_EVERY_S:
+                    self._last_refresh = now
+                    total = f"/{self.total_steps}" if self.total_steps else ""
+                    rate = f"  {samples / seconds:,.0f} samples/s" if seconds > 0 else ""
+                    print(
+                        f"{self._description} step {step}{total}  loss {loss:.4f}  lr {lr:.2e}{rate}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             return
         self._pending += 1
         now = time.perf_counter()
