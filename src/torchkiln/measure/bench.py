@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from torchkiln.errors import KilnError
-from torchkiln.measure.timing import RatioStats, TimingStats, percentile, set_threads, time_fn
+from torchkiln.measure.timing import RatioStats, TimingStats, percentile, set_threads, time_fn, timed_call
 from torchkiln.measure.variants import (
     Compile,
     PreparedVariant,
@@ -128,13 +128,7 @@ def interleaved_compare(
         raise BenchError(f"need 1 <= min_rounds <= max_rounds, got {min_rounds=}, {max_rounds=}")
 
     def timed(fn: Callable[[], Any]) -> float:
-        if sync is not None:
-            sync()
-        start = time.perf_counter()
-        fn()
-        if sync is not None:
-            sync()
-        return time.perf_counter() - start
+        return timed_call(fn, sync)
 
     first = {name: timed(fns[name]) for name in names}
     orders = (names, names[::-1])

@@ -39,6 +39,22 @@ def _iqr(values: list[float]) -> float:
     return percentile(values, 75) - percentile(values, 25)
 
 
+def timed_call(fn: Callable[[], Any], sync: Callable[[], None] | None = None) -> float:
+    """Seconds one call of ``fn`` takes; ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each
+    clock read so queued device work is inside the measurement.
+
+    >>> timed_call(lambda: None) >= 0
+    True
+    """
+    if sync is not None:
+        sync()
+    start = time.perf_counter()
+    fn()
+    if sync is not None:
+        sync()
+    return time.perf_counter() - start
+
+
 def _auto_sync() -> Callable[[], None] | None:
     """``torch.cuda.synchronize`` when CUDA is in use in this process, else None."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -206,13 +222,7 @@ def interleaved_ratio(
     sync = sync if sync is not None else _auto_sync()
 
     def timed(fn: Callable[[], Any]) -> float:
-        if sync is not None:
-            sync()
-        start = time.perf_counter()
-        fn()
-        if sync is not None:
-            sync()
-        return time.perf_counter() - start
+        return timed_call(fn, sync)
 
     times_a: list[float] = []
     times_b: list[float] = []
