@@ -17,6 +17,9 @@ MODULES = [
     "torchkiln.train.sampling",
     "torchkiln.train.loop",
     "torchkiln.train.from_recipe",
+    "torchkiln.data.sampler",
+    "torchkiln.data.collate",
+    "torchkiln.data.indexed",
 ]
 
 

@@ -35,6 +35,7 @@ def _root(
 
 def _register() -> None:
     from torchkiln.cli import bench as _bench
+    from torchkiln.cli import data as _data
     from torchkiln.cli import demo as _demo
     from torchkiln.cli import env as _env
     from torchkiln.cli import history as _history
@@ -43,7 +44,7 @@ def _register() -> None:
     from torchkiln.cli import train as _train
     from torchkiln.cli import zoo as _zoo
 
-    for module in (_train, _demo, _bench, _profile, _history, _report, _env, _zoo):
+    for module in (_train, _demo, _data, _bench, _profile, _history, _report, _env, _zoo):
         module.register(app)
 
 

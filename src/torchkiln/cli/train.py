@@ -78,6 +78,9 @@ def print_result(console, result) -> None:
     table.add_row("throughput", f"{result.samples_per_s:,.1f} samples/s")
     if result.tokens_per_s:
         table.add_row("tokens/s", f"{result.tokens_per_s:,.0f}")
+    if getattr(result, "padding_efficiency", None) is not None:
+        efficiency = 100 * result.padding_efficiency
+        table.add_row("padding efficiency", f"{efficiency:.1f}% (real / computed tokens)")
     if result.flops_per_step:
         table.add_row("FLOPs per optimizer step", f"{result.flops_per_step:.3e}")
     if result.mfu is not None:

@@ -157,9 +157,39 @@ expected one of 'flat', 'image'
     """
     kwargs = dict(kwargs)
     split = kwargs.pop("split", "train")
+    if _packed_path(name, "train") is not None:
+        return  # a packed dataset on disk; its files are validated when opened
     DATASETS.resolve(name)
     _check_split(name, split)
     DATASETS.check_args(name, kwargs, fixed={"split": split})
+
+
+def _packed_path(name: str, split: str) -> str | None:
+    """The stem of a packed indexed dataset named by ``name`` (a path), or None for registry names."""
+    import os
+
+    if not isinstance(name, (str, os.PathLike)):
+        return None
+    text = os.fspath(name)
+    single = text.endswith((".idx", ".bin")) or os.path.isfile(text + ".idx")
+    if single:
+        if split != "train":
+            # One packed file is one split: evaluating on it would silently evaluate on training data.
+            raise RecipeError(
+                f"packed dataset {text!r} is a single file, so it has no {split!r} split; pack a directory "
+                f"with train.idx/{split}.idx (kiln data pack ... -o DIR/{split}) or set data.val_split='none'"
+            )
+        return text
+    if os.path.isdir(text):
+        packed = sorted(f for f in os.listdir(text) if f.endswith(".idx"))
+        if f"{split}.idx" in packed:
+            return os.path.join(text, split)
+        if packed:  # a packed-dataset directory without this split
+            raise RecipeError(
+                f"packed dataset directory {text!r} has no {split}.idx (it has {', '.join(packed)}); "
+                f"pack that split too or set data.val_split='none'"
+            )
+    return None
 
 
 def create_dataset(name: str, split: str = "train", **kwargs: Any) -> Dataset:
@@ -169,7 +199,16 @@ def create_dataset(name: str, split: str = "train", **kwargs: Any) -> Dataset:
     >>> ds = create_dataset("synthetic", split="val", n=16, features=8)
     >>> len(ds), ds[0][0].shape, ds.num_classes
     (16, torch.Size([8]), 10)
+
+    A packed dataset (``kiln data pack``) is named by path: its stem ``data/corpus`` (for
+    ``data/corpus.idx`` + ``data/corpus.bin``), either file, or a directory holding
+    ``<split>.idx``/``<split>.bin``; keyword arguments go to :class:`torchkiln.data.IndexedDataset`.
     """
+    packed = _packed_path(name, split)
+    if packed is not None:
+        from torchkiln.data.indexed import IndexedDataset
+
+        return IndexedDataset(packed, **kwargs)
     factory, label = DATASETS.resolve(name)
     _check_split(name, split)
     DATASETS.check_args(name, kwargs, fixed={"split": split})

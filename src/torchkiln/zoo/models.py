@@ -333,14 +333,30 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits ``(B, T, vocab_size)`` for token ids ``idx`` ``(B, T)``.
+    def forward(
+        self,
+        idx: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``(B, T, vocab_size)`` for token ids ``idx`` ``(B, T)`` (or ``input_ids=``, as in the
+        dict batches of :func:`torchkiln.data.pad_collate`).
 
         ``attention_mask`` ``(B, T)`` marks real tokens with 1 and padding with 0. With a mask, each
         position attends only to earlier real tokens (and itself, so fully padded rows stay finite),
         and position ids count real tokens only, so left- or right-padding leaves the logits of real
-        positions unchanged.
+        positions unchanged. Packed blocks (:class:`torchkiln.data.PackedBlocks`) pass
+        ``document_ids`` ``(B, T)`` (attention stays inside each document) and ``position_ids``.
         """
+        if idx is None:
+            idx = input_ids
+        elif input_ids is not None:
+            raise TypeError("GPT.forward: pass the token ids as idx or input_ids, not both")
+        if idx is None:
+            raise TypeError("GPT.forward needs token ids (idx or input_ids)")
         if idx.dim() != 2:
             raise ValueError(f"GPT expects token ids of shape (batch, time), got shape {tuple(idx.shape)}")
         B, T = idx.shape
@@ -350,19 +366,27 @@ class GPT(nn.Module):
                 f"pass at most {self.seq_len} tokens or build the model with seq_len>={T}"
             )
         attn_mask = None
-        if attention_mask is None:
+        if attention_mask is None and document_ids is None:
             pos = torch.arange(T, device=idx.device).unsqueeze(0)
         else:
-            if attention_mask.shape != idx.shape:
-                raise ValueError(
-                    f"GPT attention_mask must have the shape of idx {tuple(idx.shape)} "
-                    f"(1 = real token, 0 = padding), got {tuple(attention_mask.shape)}"
-                )
-            real = attention_mask.to(torch.bool)
+            for name, value in (("attention_mask", attention_mask), ("document_ids", document_ids)):
+                if value is not None and value.shape != idx.shape:
+                    raise ValueError(
+                        f"GPT {name} must have the shape of idx {tuple(idx.shape)}, got {tuple(value.shape)}"
+                    )
+            if attention_mask is None:
+                real = torch.ones_like(idx, dtype=torch.bool)
+            else:
+                real = attention_mask.to(torch.bool)
             pos = (real.long().cumsum(1) - 1).clamp(min=0)
             causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
             eye = torch.eye(T, dtype=torch.bool, device=idx.device)
-            attn_mask = (causal & (real[:, None, :] | eye)).unsqueeze(1)  # (B, 1, T, T)
+            allowed = causal & real[:, None, :]
+            if document_ids is not None:
+                allowed = allowed & (document_ids[:, :, None] == document_ids[:, None, :])
+            attn_mask = (allowed | eye).unsqueeze(1)  # (B, 1, T, T)
+        if position_ids is not None:
+            pos = position_ids
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         for block in self.blocks:
             x = block(x, attn_mask)
