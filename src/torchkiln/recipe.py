@@ -54,6 +54,13 @@ class DataSpec(_Strict):
     drop_last: bool = False
     pin_memory: bool = False
     val_split: Literal["val", "test", "none"] = "val"
+    # Token-budget batching for variable-length token data (the batch size then varies per batch).
+    max_tokens: int | None = Field(None, ge=1, description="batches with batch_size * longest <= max_tokens")
+    max_batch_size: int | None = Field(None, ge=1, description="cap on sequences per token-budget batch")
+    max_length: int | None = Field(None, ge=2, description="clip longer token sequences to this length")
+    oversize: Literal["error", "truncate", "skip"] = Field(
+        "error", description="what to do with a sequence longer than max_tokens"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- train parts

@@ -54,6 +54,51 @@ def infer_model_args(model_name: str, given: dict[str, Any], dataset: Any) -> di
     return {k: v for k, v in sorted(offers.items()) if k in accepted and k not in given}
 
 
+def sample_lengths(dataset: Any, field: str = "tokens") -> list[int]:
+    """Token count of every sample: ``dataset.lengths(field)`` for packed datasets, else measured."""
+    lengths = getattr(dataset, "lengths", None)
+    if callable(lengths):
+        try:
+            return [int(n) for n in lengths(field)]
+        except (KeyError, ValueError, TypeError):
+            return [int(n) for n in lengths()]
+    out = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if isinstance(item, dict):
+            item = item.get("input_ids", item.get("tokens"))
+        elif isinstance(item, (tuple, list)):
+            item = item[0]
+        out.append(len(item))
+    return out
+
+
+def token_budget_loader(dataset: Any, recipe: Recipe, *, shuffle: bool) -> Any:
+    """A DataLoader batching ``dataset`` by a token budget (``data.max_tokens``) with padding + masks."""
+    from torch.utils.data import DataLoader
+
+    from torchkiln.data import PadCollate, TokenBudgetSampler
+
+    d = recipe.data
+    lengths = sample_lengths(dataset)
+    if d.max_length is not None:
+        lengths = [min(n, d.max_length) for n in lengths]
+    sampler = TokenBudgetSampler(
+        lengths,
+        d.max_tokens,
+        max_batch_size=d.max_batch_size,
+        shuffle=shuffle,
+        seed=recipe.train.seed,
+        oversize=d.oversize,
+    )
+    max_len = d.max_length
+    if d.oversize == "truncate":
+        max_len = min(max_len or d.max_tokens, d.max_tokens)
+    return DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=PadCollate(max_len=max_len), num_workers=d.num_workers
+    )
+
+
 def build_from_recipe(recipe: Recipe) -> tuple[nn.Module, Any, Any, dict[str, Any]]:
     """``(model, train_data, val_data or None, filled model args)`` for a validated recipe."""
     from torchkiln.zoo import create_dataset, create_model
@@ -82,6 +127,10 @@ def train_recipe(
         torch.set_num_threads(cfg.threads)
     _seed_everything(cfg.seed)  # model initialization is part of the recipe's reproducibility
     model, train, val, _ = build_from_recipe(recipe)
+    if recipe.data.max_tokens is not None:
+        train = token_budget_loader(train, recipe, shuffle=recipe.data.shuffle)
+        if val is not None:
+            val = token_budget_loader(val, recipe, shuffle=False)
     out = out_dir or cfg.out_dir or str(Path("runs") / (recipe.name or "run"))
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "recipe.json").write_text(recipe.model_dump_json(indent=2), encoding="utf-8")
