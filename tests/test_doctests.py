@@ -20,6 +20,8 @@ MODULES = [
     "torchkiln.data.sampler",
     "torchkiln.data.collate",
     "torchkiln.data.indexed",
+    "torchkiln.compress.registry",
+    "torchkiln.compress.compare",
 ]
 
 

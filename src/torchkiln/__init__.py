@@ -44,6 +44,12 @@ _LAZY = {
     "bench": "torchkiln.measure",
     "list_variants": "torchkiln.measure",
     "memory_analysis": "torchkiln.measure",
+    # compress
+    "quantize": "torchkiln.compress.api",
+    "prune": "torchkiln.compress.api",
+    "list_techniques": "torchkiln.compress.registry",
+    "describe_techniques": "torchkiln.compress.registry",
+    "compare_models": "torchkiln.compress.compare",
     # errors
     "KilnError": "torchkiln.errors",
     "RecipeError": "torchkiln.errors",

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from torchkiln.compress.registry import TechniqueError, list_techniques, require
+from torchkiln.compress.registry import TechniqueError, get_technique, list_techniques, require
 
 __all__ = ["prune", "quantize"]
 
@@ -14,12 +14,13 @@ __all__ = ["prune", "quantize"]
 def _apply(family: str, model: nn.Module, config: Any, kwargs: dict[str, Any]) -> Any:
     if not isinstance(model, nn.Module):
         raise TechniqueError(f"{family}: expected an nn.Module, got {type(model).__name__}")
-    tech = require(config)
+    tech = get_technique(config)
     if tech.family != family:
         raise TechniqueError(
             f"{family}: {type(config).__name__} is a {tech.family!r} technique ({tech.name}); "
             f"{family} techniques: {', '.join(list_techniques(family + '/*'))}"
         )
+    require(config)
     return tech.apply(model, config, **kwargs)
 
 

@@ -210,7 +210,9 @@ def require(name_or_config: str | Any) -> Technique:
     tech = get_technique(name_or_config)
     missing = check_technique(tech.name)
     if missing:
-        raise TechniqueUnavailableError(f"technique {tech.name!r} cannot run here: it needs {'; '.join(missing)}")
+        raise TechniqueUnavailableError(
+            f"technique {tech.name!r} cannot run here: it needs {'; '.join(missing)}"
+        )
     return tech
 
 
