@@ -45,6 +45,7 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests benchmarks
 
 bench: $(VENV)/.dev
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,bench]"
 	$(BIN)/python -m benchmarks.run_all
 
 clean:

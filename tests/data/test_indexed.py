@@ -112,7 +112,34 @@ def test_random_access_and_batches(packed) -> None:
         np.testing.assert_array_equal(collated["tokens"][row, : len(want)].numpy(), want)
         assert (collated["tokens"][row, len(want) :] == -1).all()
         np.testing.assert_array_equal(collated["image"][row].numpy(), samples[int(i)]["image"])
-    assert ds.__getitems__([]) == []
+    assert len(ds.__getitems__([])) == 0
+
+
+def test_gathered_batch_collates_like_single_reads(packed) -> None:
+    from torch.utils.data import DataLoader, default_collate
+
+    from torchkiln.data import SampleBatch, collate_samples, pad_collate
+
+    stem, samples = packed
+    fixed = IndexedDataset(stem, fields=["image", "label"])
+    idx = [5, 0, 7, 7, 2]
+    batch = fixed.__getitems__(idx)
+    assert isinstance(batch, SampleBatch) and len(batch) == len(idx)
+    assert len(batch[1:3]) == 2 and list(batch[0]) == ["image", "label"]
+    one = default_collate([fixed[i] for i in idx])
+    for got in (collate_samples(batch), default_collate(batch)):
+        assert set(got) == set(one) and all(torch.equal(got[k], one[k]) for k in one)
+    assert fixed.default_collate_fn is collate_samples
+    # variable-length fields: no default collate; padding collates read the batch as a list of samples
+    tokens = IndexedDataset(stem, fields=["tokens"])
+    assert tokens.default_collate_fn is None
+    padded = pad_collate(tokens.__getitems__(idx))
+    assert torch.equal(padded["input_ids"], pad_collate([tokens[i] for i in idx])["input_ids"])
+    # DataLoader calls __getitems__ and then the collate: same batches as per-sample reads
+    loader = DataLoader(fixed, batch_size=4, collate_fn=collate_samples)
+    first = next(iter(loader))
+    want = default_collate([fixed[i] for i in range(4)])
+    assert all(torch.equal(first[k], want[k]) for k in want)
 
 
 def test_subset_of_fields_and_no_warnings(packed, recwarn) -> None:

@@ -68,6 +68,8 @@ __all__ = [
     "Field",
     "IndexedDataset",
     "IndexedDatasetWriter",
+    "SampleBatch",
+    "collate_samples",
     "write_indexed_dataset",
     "verify_indexed_dataset",
     "dataset_paths",
@@ -186,6 +188,45 @@ def _fsync_dir(directory: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- writer
+
+
+class SampleBatch(Sequence):
+    """Samples gathered in one call: per-field columns that also read as a list of per-sample dicts.
+
+    ``columns[name]`` is a ``(B, *shape)`` tensor for a fixed-shape field or a list of ``B`` tensors
+    for a variable-length one. ``batch[k]`` builds sample ``k``'s dict of views on demand, so code that
+    expects a list of samples (``default_collate``, :func:`~torchkiln.data.pad_collate`) works unchanged.
+    """
+
+    __slots__ = ("columns", "_n")
+
+    def __init__(self, columns: dict[str, Any], n: int) -> None:
+        self.columns = columns
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, k: Any) -> Any:  # type: ignore[override]
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(self._n))]
+        return {name: col[k] for name, col in self.columns.items()}
+
+    def __repr__(self) -> str:
+        return f"SampleBatch(n={self._n}, fields={list(self.columns)})"
+
+
+def collate_samples(samples: Sequence[Any]) -> Any:
+    """Collate for indexed datasets: a :class:`SampleBatch` of fixed-shape fields is already a batch
+    (its columns are returned as they are: no per-sample stacking); anything else goes to
+    ``torch.utils.data.default_collate``. Variable-length fields need padding: use
+    :func:`~torchkiln.data.pad_collate` for those.
+    """
+    if isinstance(samples, SampleBatch):
+        if all(isinstance(c, torch.Tensor) for c in samples.columns.values()):
+            return dict(samples.columns)
+        samples = list(samples)
+    return torch.utils.data.default_collate(samples)
 
 
 class IndexedDatasetWriter:
@@ -687,26 +728,27 @@ class IndexedDataset(Dataset):
         pos = np.arange(total, dtype=np.int64) + np.repeat(starts - (ends - lengths), lengths)
         return region[pos], lengths
 
-    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
-        """A batch as a list of per-sample dicts (the DataLoader's ``__getitems__`` contract): fixed
-        fields are gathered with one numpy fancy-index per field (copies, unbound into per-sample
-        views), variable fields are zero-copy views of the mapping like ``ds[i]``."""
+    def __getitems__(self, indices: Sequence[int]) -> SampleBatch:
+        """A batch in one call (the DataLoader's ``__getitems__`` contract: a sequence of per-sample
+        dicts). Fixed fields are gathered with one numpy fancy-index per field into ``(B, *shape)``
+        tensors; variable fields stay zero-copy views of the mapping, like ``ds[i]``.
+
+        The result is a :class:`SampleBatch`: it reads as a list of per-sample dicts (so any
+        ``collate_fn`` works), and :func:`collate_samples` -- the collate torchkiln's loaders use for
+        this dataset -- returns its gathered columns directly instead of re-stacking samples."""
         idx = self._checked(indices)
         regions = self._regions if self._regions is not None else self._open()
-        columns = []
+        columns: dict[str, Any] = {}
         for name, field in self.fields.items():
             if field.variable:  # zero-copy views: slicing beats copying bytes into a batch buffer
                 off, region = self._offsets[name], regions[name]
-                columns.append(
-                    [
-                        torch.from_numpy(region[s:e])
-                        for s, e in zip(off[idx].tolist(), off[idx + 1].tolist(), strict=True)
-                    ]
-                )
+                columns[name] = [
+                    torch.from_numpy(region[s:e])
+                    for s, e in zip(off[idx].tolist(), off[idx + 1].tolist(), strict=True)
+                ]
             else:
-                columns.append(torch.from_numpy(regions[name][idx]).unbind(0))
-        names = list(self.fields)
-        return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
+                columns[name] = torch.from_numpy(regions[name][idx])
+        return SampleBatch(columns, len(idx))
 
     def get_batch(self, indices: Sequence[int], *, pad_value: int | float = 0) -> dict[str, torch.Tensor]:
         """A collated batch: fixed fields stacked ``(B, *shape)``; variable fields padded to the longest
@@ -728,6 +770,12 @@ class IndexedDataset(Dataset):
             else:
                 out[name] = torch.from_numpy(regions[name][idx])
         return out
+
+    @property
+    def default_collate_fn(self) -> Any:
+        """:func:`collate_samples` when every field has a fixed shape (the batch is gathered in one call
+        and kept as is); None when a field has variable length (padding needs a padding collate)."""
+        return None if any(f.variable for f in self.fields.values()) else collate_samples
 
     def lengths(self, field: str | None = None) -> np.ndarray:
         """Per-sample lengths (int64) of a variable-length field (default: the first one)."""

@@ -156,6 +156,9 @@ def make_loader(
     if isinstance(data, DataLoader) or not isinstance(data, Dataset) or not hasattr(data, "__len__"):
         return data
     sampler = EpochBatchSampler(len(data), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    if collate_fn is None:
+        # Indexed datasets gather a whole batch in one __getitems__ call; their collate keeps it as is.
+        collate_fn = getattr(data, "default_collate_fn", None)
     return DataLoader(
         data,
         batch_sampler=sampler,
