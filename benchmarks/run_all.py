@@ -286,6 +286,21 @@ def machine_lines() -> list[str]:
     ]
 
 
+def _other_machines(results: list[dict[str, Any]]) -> list[str]:
+    """A warning line when kept rows were measured on other CPUs than this one (``--only`` reruns)."""
+    from torchkiln.measure.env import cpu_model_name
+
+    here = cpu_model_name()
+    others = sorted({str(r["cpu"]) for r in results if r.get("cpu") and r.get("cpu") != here})
+    if not others:
+        return []
+    names = sorted({str(r.get("bench")) for r in results if r.get("cpu") in others})
+    return [
+        f"- **mixed machines**: {', '.join(names)} were measured on {', '.join(others)} (kept from an "
+        "earlier run; each run's CPU is in the summary below); ratios compare within one run only"
+    ]
+
+
 def render(results: list[dict[str, Any]], *, quick: bool, started: dt.datetime, wall_s: float) -> str:
     lines = [
         "# Benchmark results",
@@ -300,6 +315,7 @@ def render(results: list[dict[str, Any]], *, quick: bool, started: dt.datetime, 
         "## Machine",
         "",
         *machine_lines(),
+        *_other_machines(results),
         "- shared and noisy: ratios are medians of interleaved A/B pairs; spread = min..max of the "
         "per-pair ratios (or per-round values), IQR and count",
         "",
@@ -321,6 +337,8 @@ def render(results: list[dict[str, Any]], *, quick: bool, started: dt.datetime, 
         wall_text = f", {wall:.0f} s" if isinstance(wall, (int, float)) else ""
         if r.get("measured_at"):
             wall_text += f", {r['measured_at']}"
+        if r.get("cpu"):
+            wall_text += f", {r['cpu']}"
         lines.append(
             f"- **{r.get('bench')}** ({r.get('threads')} thread(s){wall_text}): {status}. {_cell(text)}"
         )
