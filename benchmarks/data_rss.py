@@ -81,7 +81,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             tmp / "images", samples(), {"image": ("uint8", SHAPE), "label": "int64"}, checksums=False
         )
         write_s = time.perf_counter() - t0
-        del pool
+        pool = None  # the generator's buffer: free it before measuring (the closure still names it)
         ds = IndexedDataset(tmp / "images")
         data_bytes = ds.nbytes
         log(f"[{BENCH}] wrote {data_bytes / 1e9:.2f} GB in {write_s:.1f} s")
@@ -113,7 +113,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 del img, b
             secs = time.perf_counter() - t0
             assert seen == len(ds), (seen, len(ds))
-            results[name] = {"byte_sum": total, "label_sum": labels, "s": secs, "gb_per_s": data_bytes / secs / 1e9}
+            results[name] = {
+                "byte_sum": total, "label_sum": labels, "s": secs, "gb_per_s": data_bytes / secs / 1e9
+            }
             log(f"[{BENCH}] {name}: {secs:.1f} s ({data_bytes / secs / 1e9:.2f} GB/s), "
                 f"RssAnon peak +{(peak_anon - base['RssAnon']) / 1024:.1f} MB, "
                 f"RssFile peak +{(peak_file - base['RssFile']) / 1024:.1f} MB")
