@@ -22,6 +22,7 @@ MODULES = [
     "torchkiln.data.indexed",
     "torchkiln.compress.registry",
     "torchkiln.compress.compare",
+    "torchkiln.compress.prune",
 ]
 
 

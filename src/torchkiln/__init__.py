@@ -50,6 +50,9 @@ _LAZY = {
     "list_techniques": "torchkiln.compress.registry",
     "describe_techniques": "torchkiln.compress.registry",
     "compare_models": "torchkiln.compress.compare",
+    "ChannelPrune": "torchkiln.compress.prune",
+    "save_pruned": "torchkiln.compress.prune",
+    "load_pruned": "torchkiln.compress.prune",
     # errors
     "KilnError": "torchkiln.errors",
     "RecipeError": "torchkiln.errors",

@@ -24,6 +24,9 @@ _LAZY = {
     "TechniqueUnavailableError": "torchkiln.compress.registry",
     "compare_models": "torchkiln.compress.compare",
     "CompressionReport": "torchkiln.compress.compare",
+    "ChannelPrune": "torchkiln.compress.prune",
+    "save_pruned": "torchkiln.compress.prune",
+    "load_pruned": "torchkiln.compress.prune",
 }
 
 __all__ = sorted(_LAZY)

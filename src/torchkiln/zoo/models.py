@@ -234,22 +234,26 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"gpt-tiny: n_embd={n_embd} must be divisible by n_head={n_head}")
         self.n_head = n_head
         self.n_embd = n_embd
+        # The attention width is n_head * head_dim; it equals n_embd until heads are pruned away
+        # (torchkiln.compress.prune updates n_head and head_dim when it removes heads).
+        self.head_dim = n_embd // n_head
         self.dropout = dropout
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(self.n_embd, dim=2)
-        shape = (B, T, self.n_head, C // self.n_head)
+        B, T, _ = x.shape
+        width = self.n_head * self.head_dim
+        q, k, v = self.qkv(x).split(width, dim=2)
+        shape = (B, T, self.n_head, self.head_dim)
         q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         dropout_p = self.dropout if self.training else 0.0
         if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:  # boolean (B, 1, T, T), True = may attend; causal already folded in
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, width)
         return self.resid_dropout(self.proj(y))
 
 
