@@ -23,6 +23,7 @@ MODULES = [
     "torchkiln.compress.registry",
     "torchkiln.compress.compare",
     "torchkiln.compress.prune",
+    "torchkiln.compress.distill",
 ]
 
 

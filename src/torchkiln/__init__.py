@@ -53,6 +53,8 @@ _LAZY = {
     "ChannelPrune": "torchkiln.compress.prune",
     "save_pruned": "torchkiln.compress.prune",
     "load_pruned": "torchkiln.compress.prune",
+    "distill": "torchkiln.compress.distill",
+    "Distill": "torchkiln.compress.distill",
     # errors
     "KilnError": "torchkiln.errors",
     "RecipeError": "torchkiln.errors",

@@ -27,6 +27,8 @@ _LAZY = {
     "ChannelPrune": "torchkiln.compress.prune",
     "save_pruned": "torchkiln.compress.prune",
     "load_pruned": "torchkiln.compress.prune",
+    "distill": "torchkiln.compress.distill",
+    "Distill": "torchkiln.compress.distill",
 }
 
 __all__ = sorted(_LAZY)
