@@ -1,0 +1,1 @@
+"""Serving: the dynamic batcher, the model adapter, the FastAPI app and the load tester."""
