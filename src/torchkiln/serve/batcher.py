@@ -167,6 +167,19 @@ class DynamicBatcher:
         batches_ahead = math.ceil((len(self._queue) + 1) / self.max_batch_size)
         return max(1.0, batches_ahead * (self.stats.ewma_batch_s or 0.1))
 
+    async def run_on_worker(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn()`` on the worker thread (under ``thread_context``), e.g. a warm-up, between batches."""
+        if self._executor is None:
+            raise BatcherClosed("the batcher is not running")
+
+        def call() -> Any:
+            if self._thread_context is not None:
+                with self._thread_context():
+                    return fn()
+            return fn()
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
     # ------------------------------------------------------------------------------------------ calls
 
     def submit_nowait(self, item: Any) -> asyncio.Future:
