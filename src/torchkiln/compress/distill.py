@@ -414,11 +414,13 @@ def distill(
     val_data: Dataset | DataLoader | Any | None = None,
     *,
     config: Distill | None = None,
+    train_config: Any = None,
     **fit_kwargs: Any,
 ) -> Any:
     """Train ``student`` on ``train_data`` with ``teacher``'s soft targets (and features); return the
     :class:`~torchkiln.train.FitResult` whose ``model`` is the trained student.
 
+    ``train_config`` (a :class:`~torchkiln.recipe.TrainConfig`, e.g. a recipe's ``train`` section) and
     ``fit_kwargs`` go to :func:`torchkiln.fit` (``epochs``, ``lr``, ``batch_size``, ``out_dir``...); the
     loss is the distillation loss, so ``loss_fn`` is not accepted. The teacher is not changed.
     """
@@ -446,7 +448,9 @@ def distill(
     was_training = teacher.training
     wrapper = Distiller(student, teacher, config, example=example, cache_size=cache_size)
     try:
-        result = fit(wrapper, data, val_data, loss_fn=DistillationLoss(config), **fit_kwargs)
+        result = fit(
+            wrapper, data, val_data, config=train_config, loss_fn=DistillationLoss(config), **fit_kwargs
+        )
     finally:
         wrapper.remove_hooks()
         teacher.train(was_training)
