@@ -234,3 +234,22 @@ def test_spec_and_openapi(zoo_servers) -> None:
     openapi = httpx.get(url + "/openapi.json").json()
     assert "/v1/predict" in openapi["paths"]
     assert httpx.get(url + "/docs").status_code == 200
+
+
+def test_serves_an_exported_artifact(serve, tmp_path) -> None:
+    export = pytest.importorskip("torchkiln.export")
+    import torchkiln as tk
+    from torchkiln.serve.model import load_served_model
+
+    torch.manual_seed(0)
+    model = tk.create_model("mlp", hidden=(16,)).eval()
+    path = tmp_path / "mlp.pt"
+    export.export(model, model.example_inputs(4), str(path), format="torchscript", verbose=False)
+    served = load_served_model(str(path))
+    assert served.format == "torchscript"
+    x = torch.rand(6, 64)
+    with serve(served, max_batch_size=4) as url:
+        responses = asyncio.run(post_all(url, [{"inputs": row.tolist()} for row in x]))
+    got = torch.tensor([next(iter(r.json()["outputs"].values())) for r in responses])
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x), atol=1e-4, rtol=1e-4)

@@ -41,12 +41,14 @@ def _register() -> None:
     from torchkiln.cli import history as _history
     from torchkiln.cli import profile as _profile
     from torchkiln.cli import report as _report
+    from torchkiln.cli import serve as _serve
     from torchkiln.cli import techniques as _techniques
     from torchkiln.cli import train as _train
     from torchkiln.cli import zoo as _zoo
 
     for module in (_train, _demo, _data, _bench, _profile, _history, _report, _env, _zoo, _techniques):
         module.register(app)
+    _serve.register(app)
 
 
 _register()

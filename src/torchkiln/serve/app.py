@@ -19,7 +19,7 @@ import hmac
 import math
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -82,6 +82,7 @@ class ServerState:
     draining: bool = False
     warmup_s: float | None = None
     warmup_error: str | None = None
+    threads: int = 1
     started: float = field(default_factory=time.time)
 
 
@@ -163,10 +164,17 @@ _PREDICT_DOC = {
 }
 
 
-def create_app(served: ServedModel, config: ServerConfig | None = None) -> FastAPI:
-    """The app for ``served``. Start-up runs the batcher, warms up every bucket on the worker thread,
-    then (with ``freeze_gc``) ``gc.freeze()``: with torch imported a full collection walks ~190k objects
-    and takes ~80 ms, stalling every request in flight. Shutdown drains the queue."""
+def create_app(
+    served: ServedModel,
+    config: ServerConfig | None = None,
+    on_ready: Callable[[ServerState], None] | None = None,
+) -> FastAPI:
+    """The app for ``served``.
+
+    Start-up runs the batcher, warms up every bucket on the worker thread, then (with ``freeze_gc``)
+    ``gc.freeze()`` -- with torch imported a full collection walks ~190k objects and takes ~80 ms,
+    stalling every request in flight -- and calls ``on_ready(state)``. Shutdown drains the queue.
+    """
     import sys
 
     import torch
@@ -190,7 +198,7 @@ def create_app(served: ServedModel, config: ServerConfig | None = None) -> FastA
         thread_context=torch.inference_mode,
         on_batch=metrics.on_batch,
     )
-    state = ServerState(served=served, config=config, batcher=batcher, metrics=metrics)
+    state = ServerState(served=served, config=config, batcher=batcher, metrics=metrics, threads=threads)
     state_ref.append(state)
     specs = served.client_inputs
 
@@ -206,6 +214,8 @@ def create_app(served: ServedModel, config: ServerConfig | None = None) -> FastA
             gc.collect()
             gc.freeze()
         state.ready = True
+        if on_ready is not None:
+            on_ready(state)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

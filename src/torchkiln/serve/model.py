@@ -398,12 +398,13 @@ def _from_predictor(predictor: Any, name: str) -> ServedModel:
     )
 
 
-def _export_loader() -> Callable[[str], Any] | None:
+def _export_api() -> Any:
+    """``torchkiln.export`` when this build has it (it loads every exported format), else None."""
     try:
-        from torchkiln.export import load_predictor
+        import torchkiln.export as export
     except ImportError:
         return None
-    return load_predictor
+    return export
 
 
 def load_served_model(
@@ -436,26 +437,38 @@ def load_served_model(
         module, _, _, _ = build_from_recipe(rec)
         label = rec.name or path.stem
     elif path.exists() and not is_reference(target):
-        is_state_dict = path.is_file() and path.suffix == ".pt" and model is not None
-        loader = _export_loader()
-        if not is_state_dict and loader is not None:
-            served = _from_predictor(loader(str(path)), path.stem)
-            served.outputs = list(outputs) if outputs else None
-            return served
-        if model is None:
-            raise KilnError(
-                f"{target} is a file: give the model that made it (--model NAME, e.g. --model gpt-tiny "
-                "with --model-arg for its arguments), or serve an exported artifact"
-                + ("" if loader else " (torchkiln.export is not installed in this build)")
-            )
-        from torchkiln.train.checkpoint import load_checkpoint, load_model_state
+        export = _export_api()
+        run_dir = None
+        if export is not None:
+            from torchkiln.export.models import run_dir_of
 
-        module = create_model(model, **args)
-        state = load_checkpoint(path)
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]  # a full training checkpoint
-        load_model_state(module, state, path)
-        label = model
+            run_dir = run_dir_of(path)
+            if run_dir is None and (path.is_dir() or model is None):
+                fmt = (export.read_sidecar(path) or {}).get("format") if path.is_file() else None
+                fmt = fmt or (export.detect_format(path) if path.is_file() else None)
+                if fmt != "eager":  # an exported artifact (or a directory holding one)
+                    served = _from_predictor(export.load_predictor(path), path.stem)
+                    served.outputs = list(outputs) if outputs else None
+                    return served
+        if model is None and run_dir is None:
+            raise KilnError(
+                f"{target} is a weights file: give the model that made it (--model NAME, e.g. --model "
+                "gpt-tiny with --model-arg for its arguments), or serve an exported artifact (kiln export)"
+            )
+        if export is not None:
+            # Eager modules keep their variable-length inputs (padded with a mask) here, which a
+            # Predictor's fixed example shapes would not.
+            module = export.resolve_model(path if model is None else model, args or None, weights=path)
+            label = model or (run_dir.name if run_dir is not None else path.stem)
+        else:
+            from torchkiln.train.checkpoint import load_checkpoint, load_model_state
+
+            module = create_model(model, **args)
+            state = load_checkpoint(path)
+            if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+                state = state["model"]  # a full training checkpoint
+            load_model_state(module, state, path)
+            label = model
     else:
         module = create_model(target, **args)
     module.eval()
