@@ -735,3 +735,8 @@ def read_pruned_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``model_ref``, ``changes`` and ``metadata`` of a saved pruned model (weights not returned)."""
     payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     return {k: payload.get(k) for k in ("model_ref", "changes", "metadata")}
+
+
+# Unstructured magnitude pruning lives in its own module; importing it here registers prune/magnitude with
+# the other prune/* techniques.
+from torchkiln.compress import sparse as _sparse  # noqa: E402,F401

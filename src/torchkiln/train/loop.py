@@ -402,6 +402,10 @@ def fit(
         for cb in callbacks:
             cb(record)
 
+    # A callback may also define on_step(step, model), run after every optimizer step (gradual pruning
+    # changes the model between steps), and on_train_end(model), run once before the final save.
+    step_hooks = [cb.on_step for cb in callbacks if callable(getattr(cb, "on_step", None))]
+
     done_at = {"eval": -1, "checkpoint": -1}  # the step of the latest evaluation / checkpoint
 
     def save_checkpoint(epoch_end: bool) -> None:
@@ -580,6 +584,8 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 if stepped:
                     state.step += 1
+                    for hook in step_hooks:
+                        hook(state.step, original)
                     if ema is not None and state.step % cfg.ema.every == 0:
                         ema.update_parameters(original)
                 else:
@@ -657,6 +663,9 @@ def fit(
         original.load_state_dict(ema.module.state_dict())
     if cfg.activation_checkpointing is not None:
         remove_activation_checkpointing(original)
+    for cb in callbacks:
+        if callable(getattr(cb, "on_train_end", None)):
+            cb.on_train_end(original)
     if out_dir is not None:
         ckpt_io.atomic_save(original.state_dict(), out_dir / "model.pt")
         summary = result.summary()
