@@ -55,6 +55,11 @@ _LAZY = {
     "load_pruned": "torchkiln.compress.prune",
     "distill": "torchkiln.compress.distill",
     "Distill": "torchkiln.compress.distill",
+    # export
+    "export": "torchkiln.export",
+    "load_predictor": "torchkiln.export",
+    "fuse": "torchkiln.export",
+    "ExportVerificationError": "torchkiln.export",
     # errors
     "KilnError": "torchkiln.errors",
     "RecipeError": "torchkiln.errors",
