@@ -22,6 +22,9 @@ MODULES = [
     "torchkiln.data.indexed",
     "torchkiln.compress.registry",
     "torchkiln.compress.compare",
+    "torchkiln.compress.quantize",
+    "torchkiln.compress.outliers",
+    "torchkiln.compress.sensitivity",
     "torchkiln.compress.prune",
     "torchkiln.compress.distill",
 ]
