@@ -27,6 +27,7 @@ MODULES = [
     "torchkiln.compress.sensitivity",
     "torchkiln.compress.prune",
     "torchkiln.compress.distill",
+    "torchkiln.compress.sparse",
 ]
 
 

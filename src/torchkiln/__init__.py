@@ -62,6 +62,8 @@ _LAZY = {
     "load_pruned": "torchkiln.compress.prune",
     "distill": "torchkiln.compress.distill",
     "Distill": "torchkiln.compress.distill",
+    "MagnitudePrune": "torchkiln.compress.sparse",
+    "GradualPruning": "torchkiln.compress.sparse",
     # export
     "export": "torchkiln.export",
     "load_predictor": "torchkiln.export",

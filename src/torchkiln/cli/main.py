@@ -37,9 +37,11 @@ def _register() -> None:
     from torchkiln.cli import bench as _bench
     from torchkiln.cli import data as _data
     from torchkiln.cli import demo as _demo
+    from torchkiln.cli import distill as _distill
     from torchkiln.cli import env as _env
     from torchkiln.cli import history as _history
     from torchkiln.cli import profile as _profile
+    from torchkiln.cli import prune as _prune
     from torchkiln.cli import report as _report
     from torchkiln.cli import serve as _serve
     from torchkiln.cli import techniques as _techniques
@@ -49,6 +51,8 @@ def _register() -> None:
     for module in (_train, _demo, _data, _bench, _profile, _history, _report, _env, _zoo, _techniques):
         module.register(app)
     _serve.register(app)
+    _prune.register(app)
+    _distill.register(app)
 
 
 _register()

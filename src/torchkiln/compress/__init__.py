@@ -29,6 +29,8 @@ _LAZY = {
     "load_pruned": "torchkiln.compress.prune",
     "distill": "torchkiln.compress.distill",
     "Distill": "torchkiln.compress.distill",
+    "MagnitudePrune": "torchkiln.compress.sparse",
+    "GradualPruning": "torchkiln.compress.sparse",
 }
 
 __all__ = sorted(_LAZY)
