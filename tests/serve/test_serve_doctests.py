@@ -5,7 +5,13 @@ import importlib
 
 import pytest
 
-MODULES = ["torchkiln.serve.batcher", "torchkiln.serve.model", "torchkiln.serve.codec"]
+MODULES = [
+    "torchkiln.serve.batcher",
+    "torchkiln.serve.model",
+    "torchkiln.serve.codec",
+    "torchkiln.serve.loadtest",
+    "torchkiln.cli.serve",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -40,6 +40,7 @@ def _register() -> None:
     from torchkiln.cli import distill as _distill
     from torchkiln.cli import env as _env
     from torchkiln.cli import history as _history
+    from torchkiln.cli import loadtest as _loadtest
     from torchkiln.cli import profile as _profile
     from torchkiln.cli import prune as _prune
     from torchkiln.cli import report as _report
@@ -51,6 +52,7 @@ def _register() -> None:
     for module in (_train, _demo, _data, _bench, _profile, _history, _report, _env, _zoo, _techniques):
         module.register(app)
     _serve.register(app)
+    _loadtest.register(app)
     _prune.register(app)
     _distill.register(app)
 
