@@ -39,6 +39,7 @@ def _register() -> None:
     from torchkiln.cli import demo as _demo
     from torchkiln.cli import distill as _distill
     from torchkiln.cli import env as _env
+    from torchkiln.cli import export as _export
     from torchkiln.cli import history as _history
     from torchkiln.cli import loadtest as _loadtest
     from torchkiln.cli import profile as _profile
@@ -55,6 +56,7 @@ def _register() -> None:
     _loadtest.register(app)
     _prune.register(app)
     _distill.register(app)
+    _export.register(app)
 
 
 _register()

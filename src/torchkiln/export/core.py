@@ -26,7 +26,7 @@ renamed into place only after verification passed.
 >>> result.ok, result.format, [c.batch_size for c in result.checks]
 (True, 'export', [2, 1, 5])
 >>> len(result.fused)  # BatchNorms folded into their convolutions first
-5
+6
 """
 
 from __future__ import annotations
@@ -450,7 +450,21 @@ def export(
         else:
             cases = [example]
         output_names, example_out = _eager(model, example)
-        references = [_eager(model, case)[1] for case in cases]
+        references = []
+        for case in cases:
+            try:
+                references.append(_eager(model, case)[1])
+            except Exception as exc:
+                shapes = ", ".join(str(list(t.shape)) for t in case)
+                hint = (
+                    "; pass dynamic_batch=False to export it for the example's batch only"
+                    if dynamic_batch
+                    else ""
+                )
+                raise ExportError(
+                    f"the eager model itself fails on verification inputs of shape {shapes}: "
+                    f"{type(exc).__name__}: {exc}{hint}"
+                ) from exc
         input_names = input_names_of(model, len(example))
         input_specs = [TensorSpec.of(n, t, dynamic_batch) for n, t in zip(input_names, example, strict=True)]
         output_specs = [

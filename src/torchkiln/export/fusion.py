@@ -173,10 +173,21 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _fold(producer: nn.Module, bn: nn.Module) -> nn.Module:
-    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     if isinstance(producer, nn.Linear):
-        return fuse_linear_bn_eval(producer, bn)
+        # torch.nn.utils.fusion.fuse_linear_bn_eval does not accept affine=False BatchNorms.
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias
+        fused = copy.deepcopy(producer)
+        bias = producer.bias if producer.bias is not None else torch.zeros_like(bn.running_mean)
+        fused.weight = nn.Parameter(producer.weight * scale[:, None], producer.weight.requires_grad)
+        fused.bias = nn.Parameter(bias * scale + shift, producer.weight.requires_grad)
+        return fused
     return fuse_conv_bn_eval(producer, bn, transpose=isinstance(producer, _TRANSPOSED))
 
 
