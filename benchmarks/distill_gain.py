@@ -145,7 +145,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     ]
     note = (
         f"KD (T={args.temperature:g}, alpha={args.alpha:g}) vs the same student alone, same data/steps/"
-        "initial weights: median {gain:+.2f} pt with 200 labelled digits, {gain_full:+.2f} pt with all 1257 "
+        f"initial weights: median {gain:+.2f} pt with 200 labelled digits, {gain_full:+.2f} pt with all 1257 "
         f"(teacher {100 * acc_teacher:.2f}%); the gain is largest where the student has least data, as "
         "the teacher's soft targets carry what it learned from the rest"
     )
