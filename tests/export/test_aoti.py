@@ -6,14 +6,14 @@ import pytest
 import torch
 
 import torchkiln as tk
-from torchkiln.export import load_predictor
+from torchkiln.export import aoti_unavailable_reason, load_predictor
 
 from .conftest import small_model
 
 
 @pytest.mark.slow
 def test_aoti_package_verifies_and_round_trips(tmp_path) -> None:
-    reason = tk.export.aoti_unavailable_reason()
+    reason = aoti_unavailable_reason()
     if reason:
         pytest.skip(reason)
     model = small_model("resnet-tiny")

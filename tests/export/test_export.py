@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import torchkiln as tk
-from torchkiln.export import ExportError, PredictorInputError, load_predictor, read_sidecar
+from torchkiln.export import SUFFIXES, ExportError, PredictorInputError, load_predictor, read_sidecar
 from torchkiln.export.verify import tolerance
 
 from .conftest import small_model
@@ -30,7 +30,7 @@ def test_export_verifies_at_several_batch_sizes(exported, name: str, fmt: str) -
     model, result = exported(name, fmt)
     assert result.ok and result.format == fmt
     assert result.path.is_file() and result.sidecar.is_file()
-    assert result.path.suffix == tk.export.SUFFIXES[fmt]
+    assert result.path.suffix == SUFFIXES[fmt]
     assert sorted({c.batch_size for c in result.checks}) == [1, 2, 5]
     assert all(c.max_abs <= c.atol + c.rtol * 100 for c in result.checks)
     assert result.size_bytes == sum(f.stat().st_size for f in result.files)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import torchkiln as tk
+from torchkiln.export import ExportError
 from torchkiln.export.fusion import FuseVerificationError, find_bn_folds, fuse_with_report
 
 from .conftest import small_model
@@ -108,7 +109,7 @@ def test_training_mode_is_restored_and_inplace() -> None:
 
 def test_fuse_without_example_inputs_says_what_to_pass() -> None:
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
-    with pytest.raises(tk.export.ExportError, match="pass example_inputs"):
+    with pytest.raises(ExportError, match="pass example_inputs"):
         tk.fuse(model)
     fused = tk.fuse(model, torch.rand(2, 1, 5, 5))
     assert isinstance(fused[1], nn.Identity)

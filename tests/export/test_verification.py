@@ -10,7 +10,13 @@ import pytest
 import torch
 
 import torchkiln as tk
-from torchkiln.export import ExportError, ExportVerificationError, load_predictor
+from torchkiln.export import (
+    ExportError,
+    ExportVerificationError,
+    aoti_unavailable_reason,
+    load_predictor,
+    read_sidecar,
+)
 from torchkiln.export import core as export_core
 from torchkiln.export.fusion import fuse_with_report
 
@@ -79,7 +85,7 @@ def test_verify_false_records_but_does_not_raise(tmp_path) -> None:
         verbose=False,
     )
     assert not result.ok
-    meta = tk.export.read_sidecar(result.path)
+    meta = read_sidecar(result.path)
     assert meta["verification"] == {**meta["verification"], "ok": False, "enforced": False}
 
 
@@ -121,7 +127,7 @@ def test_export_failure_names_the_cause(tmp_path) -> None:
 
 def test_aoti_without_compiler_says_why(monkeypatch) -> None:
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
-    reason = tk.export.aoti_unavailable_reason()
+    reason = aoti_unavailable_reason()
     assert reason and "no-such-compiler-xyz" in reason
     model = small_model("mlp")
     with pytest.raises(ExportError, match="format 'aoti' is not available: AOTInductor compiles C"):
