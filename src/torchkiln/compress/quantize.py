@@ -721,7 +721,15 @@ def lower_x86(converted: torch.fx.GraphModule, args: tuple[Any, ...], dynamic: b
         lowered.recompile()
         freezing_passes(lowered, args)
         constant_fold(lowered)
-    return lowered
+    return _allow_eval(lowered)
+
+
+def _allow_eval(gm: Any) -> Any:
+    """Let ``.eval()`` / ``.train()`` be called on an exported graph (they raise by default; the graph has
+    no train/eval behaviour left, so making them no-ops is exact)."""
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+    return allow_exported_model_train_eval(gm)
 
 
 @register_technique(
@@ -756,6 +764,7 @@ def int8_static(model: nn.Module, config: Int8Static, *, example_inputs: Any = N
                 used += 1
         converted = convert_pt2e(prepared)
     _drop_unused_attributes(converted)
+    _allow_eval(converted)
     info = dict(
         technique="quantize/int8-static",
         backend="pt2e-x86",
@@ -829,20 +838,31 @@ def _eager_quantized_weights(module: nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def run_like(model: Any, float_model: nn.Module) -> tuple[Any, Any]:
-    """``(run_float, run_quantized)``: both callables set up the same way for a like-with-like comparison:
-    compiled with :func:`compile_options` when the quantized model is meant for ``torch.compile``,
-    eager otherwise (an ONNX Runtime model runs in its session; its float original in eager)."""
-    info = quant_info(model)
-    mode = info.get("mode", "eager")
+def run_like(model: Any, float_model: nn.Module, mode: str | None = None) -> tuple[Any, Any]:
+    """``(run_float, run_quantized)`` set up the same way, for a like-with-like comparison.
+
+    ``mode`` ``"compile"``: both through ``torch.compile`` with :func:`compile_options` (freezing); a
+    static int8 model is compiled from its converted PT2E graph (inductor lowers the quantize/dequantize
+    patterns to oneDNN int8 itself; the eagerly-lowered graph holds mutating oneDNN ops inductor does not
+    take). ``"eager"``: both as they are. Default: how the quantized model is meant to run (``kiln_quant
+    ["mode"]``); an ONNX Runtime model always runs in its session, its float original eagerly.
+    """
     from torch._dynamo.eval_frame import OptimizedModule
 
-    if mode == "compile":
-        options = info.get("compile_options") or compile_options()
-        compiled = isinstance(model, (OptimizedModule, FrozenCompiled))
-        run_q = model if compiled else compile_frozen(model, options)
-        return compile_frozen(float_model, options), run_q
-    return float_model, model
+    info = quant_info(model)
+    mode = mode or info.get("mode", "eager")
+    if mode not in ("eager", "compile", "onnxruntime", "train"):
+        raise QuantizeError(f"run_like: mode must be 'eager' or 'compile', got {mode!r}")
+    if mode != "compile" or info.get("backend") == "onnxruntime":
+        return float_model, model
+    options = info.get("compile_options") or compile_options()
+    if isinstance(model, (OptimizedModule, FrozenCompiled)):
+        run_q = model
+    elif info.get("technique") == "quantize/int8-static":
+        run_q = compile_frozen(info["converted"], options)
+    else:
+        run_q = compile_frozen(model, options)
+    return compile_frozen(float_model, options), run_q
 
 
 # ------------------------------------------------------------------------------------------------ saving
@@ -920,7 +940,7 @@ def load_quantized(path: str | os.PathLike[str], model: nn.Module | None = None,
     if path.suffix == ".pt2":
         with _quiet():
             program = torch.export.load(str(path))
-        converted = program.module()
+        converted = _allow_eval(program.module())
         lower = meta.get("lower", "x86")
         if lower == "reference":
             return _set_info(converted, **meta, converted=converted)

@@ -1,0 +1,384 @@
+"""``kiln quantize MODEL``: int8 quantization (dynamic, static, weight-only, QAT), the int8 artifact written,
+the before/after table printed and recorded in the history (kind ``compress``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import typer
+
+__all__ = ["METHODS", "register"]
+
+METHODS = ("dynamic", "static", "weight-only", "qat")
+BACKENDS = ("torchao", "eager", "onnxruntime")
+
+
+@dataclass
+class _Resolved:
+    model: Any
+    name: str
+    input_fn: Any
+    train_data: Any = None
+    val_data: Any = None
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+def _resolve(target: str, weights: Path | None, overrides: list[str]) -> _Resolved:
+    """A zoo name, a recipe ``.toml`` or a ``kiln train`` run (its directory or ``model.pt`` beside
+    ``recipe.json``); recipes and runs bring their data (calibration, QAT and accuracy)."""
+    from torchkiln.errors import KilnError
+    from torchkiln.export.models import load_weights, run_dir_of
+
+    run_dir = run_dir_of(target)
+    if run_dir is not None or target.endswith(".toml"):
+        from torchkiln.cli.bench import bench_inputs_from_recipe
+        from torchkiln.recipe import load_recipe, validate_recipe
+        from torchkiln.train.from_recipe import build_from_recipe
+
+        if run_dir is not None:
+            source = run_dir / "recipe.json"
+            rec = validate_recipe(json.loads(source.read_text(encoding="utf-8")), str(source))
+            if overrides:
+                raise KilnError("--set overrides apply to recipes; a training run's recipe.json is fixed")
+            weights = weights or (Path(target) if Path(target).is_file() else run_dir / "model.pt")
+        else:
+            if not Path(target).is_file():
+                raise KilnError(f"recipe {target} does not exist")
+            rec = load_recipe(target, overrides)
+        model, train, val, _ = build_from_recipe(rec)
+        if weights is not None:
+            load_weights(model, weights)
+        name = rec.name or (run_dir.name if run_dir is not None else Path(target).stem)
+        return _Resolved(
+            model.eval(),
+            name,
+            lambda bs: bench_inputs_from_recipe(train, bs),
+            train,
+            val,
+            {"target": target, "weights": str(weights) if weights else None},
+        )
+    if overrides:
+        raise KilnError("--set overrides apply to recipes only; give a .toml recipe or drop --set")
+    if target.endswith((".pt", ".pth")):
+        raise KilnError(
+            f"{target} is a weights file without a recipe.json beside it, so its model is unknown: name the "
+            "model (a zoo name or a recipe) and pass the file with --weights"
+        )
+    from torchkiln.zoo import create_model, list_models
+
+    if target not in list_models() and ":" not in target:
+        raise KilnError(
+            f"{target!r} is not a zoo model, a recipe (.toml) or a training run (directory or model.pt with "
+            f"recipe.json); zoo models: {', '.join(list_models())}"
+        )
+    model = create_model(target)
+    if weights is not None:
+        load_weights(model, weights)
+    example = getattr(model, "example_inputs", None)
+    if not callable(example):
+        raise KilnError(
+            f"{target}: the model has no example_inputs(batch_size); quantize it through a recipe"
+        )
+    return _Resolved(model.eval(), target, example, source={"target": target, "weights": str(weights)})
+
+
+def _accuracy_fn(val_data: Any, batch_size: int) -> Any:
+    """Accuracy (argmax of the output against the target; token level for sequence targets) on val data."""
+    if val_data is None:
+        return None
+    import torch
+    from torch.utils.data import DataLoader
+
+    from torchkiln.compress.compare import _main_tensor
+    from torchkiln.compress.quantize import model_inputs
+
+    loader = val_data if isinstance(val_data, DataLoader) else DataLoader(val_data, batch_size=batch_size)
+
+    def accuracy(model: Any) -> float:
+        correct = total = 0
+        with torch.inference_mode():
+            for batch in loader:
+                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                    return float("nan")
+                inputs, target = model_inputs(batch), batch[-1]
+                n = target.shape[0]
+                if n < batch_size:  # compiled graphs and sessions keep one batch size: pad the last batch
+                    inputs = tuple(torch.cat([t, t[:1].expand(batch_size - n, *t.shape[1:])]) for t in inputs)
+                pred = _main_tensor(model(*inputs))[:n].argmax(-1)
+                if pred.shape != target.shape:
+                    return float("nan")
+                keep = target != -100
+                correct += int((pred[keep] == target[keep]).sum())
+                total += int(keep.sum())
+        return correct / total if total else float("nan")
+
+    return accuracy
+
+
+def _results(report: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    d = report.to_dict()
+    variants = [
+        {
+            "name": label,
+            "latency_ms": {"p50": d[label].get("latency_ms"), "iqr": d[label].get("latency_iqr_ms")},
+            "size_bytes": d[label].get("artifact_bytes"),
+            "accuracy": d[label].get("accuracy"),
+            "params": d[label].get("params"),
+            "speedup_vs_baseline": 1.0 if label == "before" else report.speedup,
+        }
+        for label in ("before", "after")
+    ]
+    return {"variants": variants, "baseline": "before", "report": d, **extra}
+
+
+def _config(method: str, **o: Any) -> Any:
+    from torchkiln.compress.quantize import Int8Dynamic, Int8QAT, Int8Static, Int8WeightOnly
+
+    select = {
+        "include": tuple(o["include"]),
+        "exclude": tuple(o["exclude"]),
+        "keep_first_last": o["first_last"],
+    }
+    if method == "dynamic":
+        return Int8Dynamic(backend=o["backend"], granularity=o["granularity"], threads=o["threads"], **select)
+    if method == "static":
+        return Int8Static(
+            calibration=o["calibration"],
+            num_batches=o["calibration_batches"],
+            observer=o["observer"],
+            **select,
+        )
+    if method == "weight-only":
+        return Int8WeightOnly(**select)
+    return Int8QAT(step="prepare", **select)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``kiln quantize`` to ``app``."""
+
+    @app.command("quantize")
+    def quantize_command(
+        target: str = typer.Argument(
+            ...,
+            help="A zoo model name, a recipe .toml, or a `kiln train` run (its directory or model.pt); "
+            "recipes and runs bring their data for calibration, QAT and accuracy.",
+            show_default=False,
+        ),
+        method: str = typer.Option(
+            "dynamic",
+            "--method",
+            "-m",
+            help="dynamic: int8 weights, activations quantized at run time (Linear-heavy models: "
+            "transformers, MLPs); static: PT2E int8 calibrated on data, convs and Linear (CNNs); "
+            "weight-only: int8 weights, float activations (small batch); qat: quantization-aware "
+            "training with the recipe's data, then int8.",
+        ),
+        backend: str = typer.Option(
+            "torchao",
+            "--backend",
+            help="dynamic: torchao (run under torch.compile), eager (torch.ao quantize_dynamic), or "
+            "onnxruntime (ONNX export + ORT int8 session).",
+        ),
+        granularity: str = typer.Option(
+            "per_token", "--granularity", help="dynamic/torchao activation scales: per_token or per_tensor."
+        ),
+        include: list[str] = typer.Option(
+            [], "--include", help="Quantize only layers matching this name pattern (repeatable), 'blocks.*'."
+        ),
+        exclude: list[str] = typer.Option(
+            [], "--exclude", help="Keep layers matching this name pattern in float (repeatable)."
+        ),
+        first_last: bool = typer.Option(
+            True,
+            "--keep-first-last/--quantize-first-last",
+            help="Keep the stem conv and the last Linear (classifier / LM head) in float.",
+        ),
+        calibration_batches: int = typer.Option(
+            16, "--calibration-batches", min=1, help="static: batches of training data to calibrate on."
+        ),
+        observer: str = typer.Option(
+            "histogram", "--observer", help="static: histogram, minmax or moving_average."
+        ),
+        qat_steps: int = typer.Option(
+            100, "--qat-steps", min=1, help="qat: training steps on the recipe's data."
+        ),
+        weights: Path | None = typer.Option(
+            None, "--weights", "-w", help="Trained weights (model.pt or a checkpoint) to load first."
+        ),
+        out: Path | None = typer.Option(
+            None,
+            "--out",
+            "-o",
+            help="Artifact path (default runs/quantize/<name>-<method>[-<backend>].<ext>).",
+        ),
+        batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Batch of the comparison."),
+        threads: int = typer.Option(1, "--threads", "-t", min=1, help="Threads while timing (and ORT's)."),
+        mode: str = typer.Option(
+            "auto",
+            "--mode",
+            help="Execution mode of the comparison, the same for both models: auto (how the quantized "
+            "model is meant to run), eager or compile.",
+        ),
+        max_time_s: float = typer.Option(
+            5.0, "--max-time-s", min=0.1, help="Time budget of the latency rounds."
+        ),
+        set_: list[str] = typer.Option(
+            [], "--set", "-s", help="Recipe override, e.g. --set data.batch_size=64."
+        ),
+        record: bool = typer.Option(True, "--record/--no-record", help="Record the run in the history."),
+    ) -> None:
+        """Quantize a model to int8 and measure what it bought: artifact size, latency, agreement, accuracy.
+
+        The float and int8 models are compared in the same execution mode (compiled vs compiled with
+        inductor freezing, or eager vs eager; ONNX Runtime against eager PyTorch), latency timed
+        interleaved in one process with fixed threads. The artifact is the int8 file itself (.pt2 for
+        static, .onnx for onnxruntime, a torch.save of the int8 state for torchao/eager), so its size is
+        the real size. Examples:
+
+          kiln quantize recipes/resnet_digits.toml --method static
+
+          kiln quantize gpt-tiny --method dynamic --backend onnxruntime --exclude 'blocks.0.*'
+        """
+        import tempfile
+
+        import torch
+        from rich.console import Console
+
+        from torchkiln.compress.api import quantize
+        from torchkiln.compress.compare import compare_models
+        from torchkiln.compress.quantize import (
+            DYNAMIC_BACKENDS,
+            GRANULARITIES,
+            OBSERVERS,
+            Int8QAT,
+            quant_info,
+            run_like,
+            save_quantized,
+        )
+        from torchkiln.errors import KilnError
+
+        console = Console()
+        for value, option, accepted in (
+            (method, "--method", METHODS),
+            (backend, "--backend", DYNAMIC_BACKENDS),
+            (granularity, "--granularity", GRANULARITIES),
+            (observer, "--observer", OBSERVERS),
+            (mode, "--mode", ("auto", "eager", "compile")),
+        ):
+            if value not in accepted:
+                raise KilnError(f"{option} {value!r} is unknown; accepted: {', '.join(accepted)}")
+        if backend != "torchao" and method != "dynamic":
+            raise KilnError(f"--backend {backend} applies to --method dynamic only (got --method {method})")
+        resolved = _resolve(target, weights, list(set_))
+        before = resolved.model
+        inputs = resolved.input_fn(batch_size)
+        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else inputs
+        calibration = None
+        if method in ("static", "qat"):
+            if resolved.train_data is None:
+                purpose = "calibration" if method == "static" else "training"
+                raise KilnError(
+                    f"--method {method} needs representative data ({purpose}): give a recipe (.toml) or a "
+                    f"training run instead of the zoo name {target!r}"
+                )
+            from torch.utils.data import DataLoader
+
+            calibration = DataLoader(
+                resolved.train_data,
+                batch_size=batch_size,
+                shuffle=True,
+                generator=torch.Generator().manual_seed(0),
+            )
+        config = _config(
+            method,
+            backend=backend,
+            granularity=granularity,
+            threads=threads,
+            include=include,
+            exclude=exclude,
+            first_last=first_last,
+            calibration=calibration,
+            calibration_batches=calibration_batches,
+            observer=observer,
+        )
+        suffix = {"static": ".pt2"}.get(method, ".onnx" if backend == "onnxruntime" else ".pt")
+        stem = f"{resolved.name}-{method}" + (f"-{backend}" if method == "dynamic" else "")
+        out_path = out or Path("runs") / "quantize" / f"{stem}{suffix}"
+        console.print(
+            f"[bold]kiln quantize[/] {target}: {method}"
+            + (f" ({backend})" if method == "dynamic" else "")
+            + f" -> {out_path}",
+            highlight=False,
+        )
+        with tempfile.TemporaryDirectory(prefix="kiln-quantize-") as tmp:
+            if method == "qat":
+                import torchkiln as tk
+
+                prepared = quantize(before, config)
+                tk.fit(
+                    prepared,
+                    resolved.train_data,
+                    max_steps=qat_steps,
+                    epochs=1000,
+                    progress="off",
+                    flops=False,
+                )
+                after = quantize(prepared, Int8QAT(step="convert"))
+            else:
+                after = quantize(before, config, example_inputs=inputs, workdir=tmp)
+            save_quantized(after, out_path)
+            before_path = Path(tmp) / "before.pt"
+            torch.save(before.state_dict(), before_path)
+            run_mode = None if mode == "auto" else mode
+            run_before, run_after = run_like(after, before, mode=run_mode)
+            info = quant_info(after)
+            compiled = run_after is not after and info.get("backend") != "onnxruntime"
+            report = compare_models(
+                before,
+                after,
+                inputs,
+                eval_fn=_accuracy_fn(resolved.val_data, batch_size),
+                artifacts={"before": before_path, "after": out_path},
+                mode="compile" if compiled else "eager",
+                run_before=run_before,
+                run_after=run_after,
+                threads=threads,
+                max_time_s=max_time_s,
+                name=resolved.name,
+                technique=info.get("technique", method)
+                + (f" ({info['backend']})" if info.get("backend") else ""),
+            )
+        if info.get("backend") == "onnxruntime":
+            report.notes.append(
+                f"after runs in ONNX Runtime ({threads} intra-op thread(s)); before in eager PyTorch"
+            )
+        report.notes.append(f"{len(info.get('layers', []))} layers quantized; artifact {out_path}")
+        console.print(report.table())
+        for note in report.notes:
+            console.print(f"note: {note}", highlight=False)
+        if record:
+            from torchkiln.report.history import History
+
+            cfg = {
+                **resolved.source,
+                "method": method,
+                "backend": backend if method == "dynamic" else info.get("backend"),
+                "include": list(include),
+                "exclude": list(exclude),
+                "keep_first_last": first_last,
+                "batch_size": batch_size,
+                "threads": threads,
+                "mode": report.mode,
+            }
+            extra = {"technique": info.get("technique"), "layers": info.get("layers", [])}
+            run_id = History().record(
+                "compress",
+                resolved.name,
+                _results(report, extra),
+                config=cfg,
+                artifacts={"quantized": str(out_path)},
+            )
+            console.print(f"recorded run [bold]{run_id}[/] (kiln history)", highlight=False)
