@@ -44,6 +44,7 @@ def _register() -> None:
     from torchkiln.cli import loadtest as _loadtest
     from torchkiln.cli import profile as _profile
     from torchkiln.cli import prune as _prune
+    from torchkiln.cli import quantize as _quantize
     from torchkiln.cli import report as _report
     from torchkiln.cli import serve as _serve
     from torchkiln.cli import techniques as _techniques
@@ -55,6 +56,7 @@ def _register() -> None:
     _serve.register(app)
     _loadtest.register(app)
     _prune.register(app)
+    _quantize.register(app)
     _distill.register(app)
     _export.register(app)
 
