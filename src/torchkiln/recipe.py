@@ -147,6 +147,9 @@ class EMAConfig(_Strict):
     enabled: bool = True
     decay: float = Field(0.999, gt=0.0, lt=1.0)
     every: int = Field(1, ge=1)
+    # BatchNorm statistics of the averaged weights are re-estimated on the last N training micro-batches
+    # before each evaluation and at the end (averaged statistics do not match averaged weights); 0: off.
+    bn_batches: int = Field(8, ge=0)
 
 
 class EarlyStoppingConfig(_Strict):

@@ -39,6 +39,7 @@ from torchkiln.train.activation_checkpointing import (
     apply_activation_checkpointing,
     remove_activation_checkpointing,
 )
+from torchkiln.train.ema import BatchNormRefresher, has_batchnorm
 from torchkiln.train.loss import LossComputer, batch_sizes, move_to, output_logits
 from torchkiln.train.monitor import Monitor
 from torchkiln.train.optim import build_optimizer
@@ -328,6 +329,11 @@ def fit(
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         ema = AveragedModel(original, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema.decay), use_buffers=True)
+    # Averaged weights do not match averaged BatchNorm statistics: re-estimate those before each evaluation
+    # and at the end, from the last few training micro-batches (see train/ema.py).
+    bn_refresher = None
+    if ema is not None and cfg.ema.bn_batches and has_batchnorm(original):
+        bn_refresher = BatchNormRefresher(cfg.ema.bn_batches)
     run_model: nn.Module = model
     if cfg.compile is not None and cfg.compile.enabled:
         c = cfg.compile
@@ -447,6 +453,8 @@ def fit(
             return False
         done_at["eval"] = state.step
         eval_model = ema.module if ema is not None else run_model
+        if bn_refresher is not None:
+            bn_refresher.refresh(ema.module, precision.autocast)
         metrics = evaluate(
             eval_model,
             val_loader,
@@ -542,6 +550,8 @@ def fit(
                         args, kwargs, target = move_to(
                             (args, kwargs, target), device, channels_last=cfg.channels_last, non_blocking=pin
                         )
+                    if bn_refresher is not None:
+                        bn_refresher.remember(args, kwargs)
                     # DDP: skip the gradient all-reduce on every micro-batch but the window's last.
                     sync_ctx = no_sync() if (no_sync is not None and i < last) else contextlib.nullcontext()
                     with sync_ctx:
@@ -660,6 +670,8 @@ def fit(
         if result.peak_flops_per_s:
             result.mfu = result.achieved_flops_per_s / result.peak_flops_per_s
     if ema is not None:
+        if bn_refresher is not None:
+            bn_refresher.refresh(ema.module, precision.autocast)
         original.load_state_dict(ema.module.state_dict())
     if cfg.activation_checkpointing is not None:
         remove_activation_checkpointing(original)
