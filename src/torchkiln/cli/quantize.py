@@ -230,17 +230,18 @@ def register(app: typer.Typer) -> None:
         ),
         record: bool = typer.Option(True, "--record/--no-record", help="Record the run in the history."),
     ) -> None:
-        """Quantize a model to int8 and measure what it bought: artifact size, latency, agreement, accuracy.
+        """Quantize a model to int8 and measure what it bought.
 
-        The float and int8 models are compared in the same execution mode (compiled vs compiled with
-        inductor freezing, or eager vs eager; ONNX Runtime against eager PyTorch), latency timed
-        interleaved in one process with fixed threads. The artifact is the int8 file itself (.pt2 for
-        static, .onnx for onnxruntime, a torch.save of the int8 state for torchao/eager), so its size is
-        the real size. Examples:
+        Before/after table: artifact size, latency, output agreement, accuracy.
+        Both models run the same way (compiled vs compiled with freezing, or
+        eager vs eager; ONNX Runtime against eager PyTorch), timed interleaved
+        in one process with fixed threads. The artifact is the int8 file itself
+        (.pt2 static, .onnx onnxruntime, int8 state_dict otherwise), so its
+        size is the real size.
 
-          kiln quantize recipes/resnet_digits.toml --method static
+        kiln quantize recipes/resnet_digits.toml --method static
 
-          kiln quantize gpt-tiny --method dynamic --backend onnxruntime --exclude 'blocks.0.*'
+        kiln quantize gpt-tiny --backend onnxruntime --exclude 'blocks.0.*'
         """
         import tempfile
 
@@ -350,12 +351,19 @@ def register(app: typer.Typer) -> None:
                 name=resolved.name,
                 technique=info.get("technique", method)
                 + (f" ({info['backend']})" if info.get("backend") else ""),
+                flops=False,
             )
         if info.get("backend") == "onnxruntime":
             report.notes.append(
                 f"after runs in ONNX Runtime ({threads} intra-op thread(s)); before in eager PyTorch"
             )
         report.notes.append(f"{len(info.get('layers', []))} layers quantized; artifact {out_path}")
+        report.notes.append("FLOPs are not counted: quantization does the same multiply-adds, in int8")
+        if info.get("backend") in ("eager", "pt2e-x86", "onnxruntime"):
+            report.notes.append(
+                "parameters after: weights the backend packs (int8) are not nn.Parameters, so only what "
+                "stayed float is counted; the artifact size is the real comparison"
+            )
         console.print(report.table())
         for note in report.notes:
             console.print(f"note: {note}", highlight=False)
