@@ -201,3 +201,14 @@ def test_rejects_bad_settings() -> None:
         DynamicBatcher(lambda items: items, max_batch_size=0)
     with pytest.raises(ValueError, match="max_delay_ms"):
         DynamicBatcher(lambda items: items, max_delay_ms=-1)
+
+
+def test_a_lone_sequential_client_is_never_delayed() -> None:
+    async def go() -> float:
+        async with DynamicBatcher(FakeModel(), max_batch_size=8, max_delay_ms=2000) as batcher:
+            start = time.monotonic()
+            for i in range(5):  # each request follows the previous answer at once
+                assert await batcher.submit(i) == 2 * i
+            return time.monotonic() - start
+
+    assert asyncio.run(go()) < 2.0  # not 5 x 2 s

@@ -45,6 +45,7 @@ def start_server(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, str]:
     deadline = time.monotonic() + 90
     lines = []
     url = None
+    ready = False
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
@@ -53,7 +54,8 @@ def start_server(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, str]:
         match = re.search(r"on (http://127\.0\.0\.1:\d+)", line)
         if match:
             url = match.group(1)
-        if "ready" in line and url:
+        ready = ready or line.startswith("kiln serve: ready")  # may come before the address line
+        if ready and url:
             return proc, url
     proc.kill()
     raise AssertionError("the server did not become ready:\n" + "".join(lines))

@@ -2,8 +2,10 @@
 
 Pure asyncio, no web code. A batch flushes when it holds ``max_batch_size`` requests or when
 ``max_delay_ms`` has passed since its *first* request arrived. A request that finds the worker idle and
-the queue empty runs at once: the delay only applies to requests that queue up while a batch is
-computing, so a lone request on a quiet server never waits out the delay.
+the queue empty runs at once, so a lone request (or a lone client's next one) never waits out the delay.
+The delay applies to requests that queue up while a batch computes, and to a burst that follows a batch
+of k requests (closed-loop clients answering): that burst waits, within the delay, for k requests instead
+of running its first one alone and splitting into small batches.
 
 The model function runs on a dedicated thread (never on the event loop). If a batch raises, its requests
 are retried one by one so that only the request that caused the failure gets the error. Requests whose
@@ -235,29 +237,37 @@ class DynamicBatcher:
                 timer.cancel()
 
     async def _schedule(self) -> None:
-        idle = True  # the worker had nothing to do when the current queue began
+        last_done, last_size = -math.inf, 0
+        just_ran = False
         while True:
+            # How many requests to wait for (at most max_delay from the first): a full batch for requests
+            # that queued while a batch computed; none for requests found on an idle worker.
+            target = self.max_batch_size if just_ran else 0
+            just_ran = False
             if not self._queue:
                 if self._closing:
                     return
-                idle = True
                 await self._wait(None)
-                continue
-            if not idle and not self._closing:
-                # Requests queued while a batch was computing: wait for a full batch or until the first
-                # of them has waited max_delay, whichever comes first.
-                while self._queue and len(self._queue) < self.max_batch_size and not self._closing:
+                if self._clock() - last_done >= self.max_delay_s or last_size <= 1:
+                    # An idle server (no batch in the last max_delay, or a lone client's last request):
+                    # the request runs now, with whatever arrived in the same instant.
+                    target = 0
+                else:
+                    # Right after a batch of k: closed-loop clients send their next requests as their
+                    # answers arrive. Wait (within max_delay) for those k instead of running the first
+                    # alone and splitting the burst into small batches.
+                    target = min(self.max_batch_size, last_size)
+            if target and not self._closing:
+                while self._queue and len(self._queue) < target and not self._closing:
                     remaining = self._queue[0].arrival + self.max_delay_s - self._clock()
                     if remaining <= 0:
                         break
                     await self._wait(remaining)
-            # else: a request reached an idle worker with an empty queue: it runs now, with whatever
-            # arrived in the same instant (no waiting out the delay).
             batch = self._take()
             if not batch:
                 continue
-            idle = False
             await self._execute(batch)
+            last_done, last_size, just_ran = self._clock(), len(batch), True
 
     async def _execute(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()

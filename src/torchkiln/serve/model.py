@@ -347,7 +347,10 @@ def specs_from_module(model: nn.Module, example: Sequence[torch.Tensor] | None =
     for i, t in enumerate(example):
         name = params[i] if i < len(params) else f"input_{i}"
         per_sample = tuple(t.shape[1:])
-        if _is_int(t.dtype) and t.dim() == 2 and name not in MASK_NAMES:
+        if _is_int(t.dtype) and t.dim() == 2 and name in MASK_NAMES:
+            longest = int(getattr(model, "seq_len", 0) or per_sample[0])
+            specs.append(TensorSpec(name, t.dtype, (None,), max_shape=(longest,)))
+        elif _is_int(t.dtype) and t.dim() == 2:
             longest = int(getattr(model, "seq_len", 0) or per_sample[0])
             vocab = getattr(model, "vocab_size", None)
             specs.append(TensorSpec(name, t.dtype, (None,), max_shape=(longest,), low=0, high=vocab))
