@@ -73,7 +73,7 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--max-delay-ms", type=float, default=10.0)
+    parser.add_argument("--max-delay-ms", type=float, default=50.0)
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, quick 2)")
     parser.add_argument("--round-s", type=float, default=None, help="seconds of load per server and round")
 
