@@ -12,6 +12,8 @@ pooler, the last Linear, kept float):
 * ``torchao`` -- int8 per-token activations x per-channel weights, ``torch.compile`` with freezing;
 * ``eager`` -- ``torch.ao.quantization.quantize_dynamic`` (fbgemm/x86), eager;
 * ``onnxruntime`` -- dynamo ONNX export, ORT per-channel int8, a 1-thread ``InferenceSession``;
+* ``torchao_autotune`` -- the same int8 model compiled with ``max_autotune`` (inductor's C++ GEMM template
+  with AMX micro-kernels, autotuned against oneDNN per shape; full runs only, compile takes minutes);
 * ``fp32_compile`` -- the float model compiled the same way as ``torchao`` (for like with like).
 
 All are timed interleaved in one process against fp32 eager (rounds alternate the order; before every
@@ -38,6 +40,8 @@ BENCH = "quant_dynamic_transformer"
 THREADS = (1,)
 TARGETS = {"speedup_b1": ">= 4", "speedup_b32": ">= 3", "cosine": ">= 0.99"}
 GAP_S = 0.05
+# inductor's C++ GEMM template (AMX micro-kernels for u8 x s8) autotuned against oneDNN qlinear per shape
+AUTOTUNE = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
 def _add_args(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +51,12 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument(
         "--backends", nargs="+", default=["torchao", "eager", "onnxruntime"], help="int8 backends to run"
+    )
+    parser.add_argument(
+        "--autotune",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also torchao compiled with max-autotune (default: on, off with --quick; +2 min of compile)",
     )
 
 
@@ -136,6 +146,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         quantized[backend] = compile_frozen(q) if backend == "torchao" else q
         setup_s[backend] = time.perf_counter() - t0
         log(f"[{BENCH}] {backend}: quantized in {setup_s[backend]:.1f} s")
+        autotune = args.autotune if args.autotune is not None else not args.quick
+        if backend == "torchao" and autotune:
+            quantized["torchao_autotune"] = compile_frozen(copy.deepcopy(q), AUTOTUNE)
     fp32_compiled = compile_frozen(copy.deepcopy(model))
 
     per_batch: dict[int, dict[str, Any]] = {}
@@ -231,11 +244,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     )
     if short:
         note += (
-            f"; short: {', '.join(short)}. Tried: torchao int8 (per-token) under compile+freezing, the eager "
-            "fbgemm quantize_dynamic and ONNX Runtime int8 on the dynamo export (ORT's attention fusion does "
-            "not match the SDPA pattern the dynamo exporter emits, so attention, LayerNorm and GELU stay "
-            "unfused fp32 ops); at hidden 384 those and per-call quantization of activations weigh more than "
-            "in a 768-wide BERT"
+            f"; short: {', '.join(short)}. Tried: torchao int8 (per-token) under compile+freezing, also "
+            "with max-autotune (inductor's C++ AMX GEMM template); the eager fbgemm quantize_dynamic; ONNX "
+            "Runtime int8 on the dynamo export, and (outside this script) on the graph fused by onnxscript's "
+            "optimize_for_ort (Attention, SkipLayerNorm, BiasGelu): ORT's quantizer left the fused Attention "
+            "fp32 and that graph ran slower than the unfused int8 one here. At hidden 384 attention, "
+            "LayerNorm, GELU and per-call activation quantization weigh more than in a 768-wide BERT; "
+            "per-tensor backends (eager, ORT) also lose accuracy on the outliers"
         )
     return record(
         BENCH,

@@ -102,6 +102,7 @@ def test_onnxruntime_on_a_zoo_model(app, tmp_path):
         (["mlp", "--method", "static"], "needs representative data"),
         (["mlp", "--method", "static", "--backend", "eager"], "applies to --method dynamic only"),
         (["no-such-model"], "is not a zoo model"),
+        (["mlp", "--bits", "4"], "accepted: 8, or 4 with --method weight-only"),
         (["weights.pt"], "without a recipe.json"),
         (["mlp", "--include", "encoder.*"], "matches no quantizable layer"),
     ],
@@ -117,3 +118,13 @@ def test_help_lists_methods_and_backends(app):
     assert result.exit_code == 0
     for word in ("dynamic", "static", "weight-only", "qat", "onnxruntime", "--include", "--exclude"):
         assert word in result.output
+
+
+def test_weight_only_int4_on_a_zoo_model(app, tmp_path):
+    out = tmp_path / "mlp-int4.pt"
+    result = _run(
+        app,
+        ["quantize", "mlp", "--method", "weight-only", "--bits", "4", "-o", str(out), "--no-record", *FAST],
+    )
+    assert result.exit_code == 0, result.output
+    assert "quantize/int4-weight-only" in result.output and out.is_file()

@@ -340,3 +340,23 @@ def test_torchao_dynamic_compiled_matches_eager():
         ref = model(*x)
         assert output_agreement(ref, run_q(*x))["sqnr_db"] > SQNR_MIN_DB
         assert output_agreement(ref, run_float(*x))["sqnr_db"] > 60
+
+
+def test_int4_weight_only_packs_and_agrees(tmp_path):
+    from torchkiln.compress.quantize import Int4Linear, Int4WeightOnly
+
+    model, x = _zoo("gpt-tiny")
+    config = Int4WeightOnly(group_size=32)
+    q = tk.quantize(model, config)
+    fc = q.blocks[0].mlp.fc
+    assert isinstance(fc, Int4Linear) and fc.packed.dtype == torch.uint8
+    assert fc.packed.numel() == 256 * 64 // 2  # two 4-bit weights per byte
+    with torch.no_grad():
+        agreement = output_agreement(model(*x), q(*x))
+    assert agreement["sqnr_db"] > 12 and agreement["cosine"] > 0.97  # 4 bits: coarser than int8
+    path = save_quantized(q, tmp_path / "int4.pt")
+    again = load_quantized(path, model=model, config=config)
+    with torch.no_grad():
+        assert torch.equal(q(*x), again(*x))
+    with pytest.raises(QuantizeError, match="accepted: 32, 64, 128, 256"):
+        Int4WeightOnly(group_size=48)

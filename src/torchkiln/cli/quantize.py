@@ -135,7 +135,7 @@ def _results(report: Any, extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def _config(method: str, **o: Any) -> Any:
-    from torchkiln.compress.quantize import Int8Dynamic, Int8QAT, Int8Static, Int8WeightOnly
+    from torchkiln.compress.quantize import Int4WeightOnly, Int8Dynamic, Int8QAT, Int8Static, Int8WeightOnly
 
     select = {
         "include": tuple(o["include"]),
@@ -152,7 +152,11 @@ def _config(method: str, **o: Any) -> Any:
             **select,
         )
     if method == "weight-only":
-        return Int8WeightOnly(**select)
+        return (
+            Int4WeightOnly(group_size=o["group_size"], **select)
+            if o["bits"] == 4
+            else Int8WeightOnly(**select)
+        )
     return Int8QAT(step="prepare", **select)
 
 
@@ -202,6 +206,8 @@ def register(app: typer.Typer) -> None:
         observer: str = typer.Option(
             "histogram", "--observer", help="static: histogram, minmax or moving_average."
         ),
+        bits: int = typer.Option(8, "--bits", help="weight-only: 8 (torchao int8) or 4 (groupwise int4)."),
+        group_size: int = typer.Option(32, "--group-size", help="weight-only --bits 4: inputs per scale."),
         qat_steps: int = typer.Option(
             100, "--qat-steps", min=1, help="qat: training steps on the recipe's data."
         ),
@@ -271,6 +277,8 @@ def register(app: typer.Typer) -> None:
         ):
             if value not in accepted:
                 raise KilnError(f"{option} {value!r} is unknown; accepted: {', '.join(accepted)}")
+        if bits not in (4, 8) or (bits == 4 and method != "weight-only"):
+            raise KilnError(f"--bits {bits}: accepted: 8, or 4 with --method weight-only")
         if backend != "torchao" and method != "dynamic":
             raise KilnError(f"--backend {backend} applies to --method dynamic only (got --method {method})")
         resolved = _resolve(target, weights, list(set_))
@@ -304,9 +312,12 @@ def register(app: typer.Typer) -> None:
             calibration=calibration,
             calibration_batches=calibration_batches,
             observer=observer,
+            bits=bits,
+            group_size=group_size,
         )
         suffix = {"static": ".pt2"}.get(method, ".onnx" if backend == "onnxruntime" else ".pt")
         stem = f"{resolved.name}-{method}" + (f"-{backend}" if method == "dynamic" else "")
+        stem += f"-int{bits}" if method == "weight-only" else ""
         out_path = out or Path("runs") / "quantize" / f"{stem}{suffix}"
         console.print(
             f"[bold]kiln quantize[/] {target}: {method}"

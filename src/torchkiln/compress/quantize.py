@@ -59,6 +59,8 @@ from torchkiln.errors import KilnError
 
 __all__ = [
     "DYNAMIC_BACKENDS",
+    "Int4Linear",
+    "Int4WeightOnly",
     "Int8Dynamic",
     "Int8QAT",
     "Int8Static",
@@ -526,6 +528,115 @@ def int8_weight_only(
         layers=selected,
         mode="compile",
         compile_options=compile_options(),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ int4
+
+
+@dataclass(frozen=True)
+class Int4WeightOnly:
+    """Weight-only int4 (asymmetric, one scale and offset per ``group_size`` inputs of each output row) on
+    ATen's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``): 8x smaller Linear weights. Layers whose input
+    width is not a multiple of ``group_size`` stay float. Measure before relying on it for speed: in this
+    torch build the CPU kernel is slower than an fp32 GEMV at batch 1 (see ``kiln quantize`` output)."""
+
+    group_size: int = 32
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    filter_fn: Callable[[nn.Module, str], bool] | None = None
+    keep_first_last: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("Int4WeightOnly", "group_size", self.group_size, (32, 64, 128, 256))
+        _check_patterns("Int4WeightOnly", "include", self.include)
+        _check_patterns("Int4WeightOnly", "exclude", self.exclude)
+
+
+class Int4Linear(nn.Module):
+    """``y = x W^T + b`` with ``W`` held as packed uint4 (two per byte) plus per-group scale/offset."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros", torch.zeros(in_features // group_size, out_features, 2))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
+        w = linear.weight.detach().float()
+        n, k = w.shape
+        groups = w.reshape(n, k // group_size, group_size)
+        lo, hi = groups.amin(-1), groups.amax(-1)
+        scale = ((hi - lo) / 15).clamp_min(1e-8)
+        q = (
+            torch.round((groups - lo[..., None]) / scale[..., None])
+            .clamp(0, 15)
+            .to(torch.int32)
+            .reshape(n, k)
+        )
+        # the kernel computes w = (q - 8) * scale + zero, so zero = lo + 8 * scale
+        zero = lo + 8 * scale
+        out = cls(k, n, group_size, linear.bias is not None)
+        out.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        out.scales_and_zeros = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+        if linear.bias is not None:
+            out.bias = linear.bias.detach().float().clone()
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2, self.packed, self.group_size, self.scales_and_zeros.to(x2.dtype)
+        )
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+        )
+
+
+def _int4_available() -> str | None:
+    ops = torch.ops.aten
+    if not (
+        hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_convert_weight_to_int4pack_for_cpu")
+    ):
+        return f"this torch {torch.__version__} has no CPU int4 kernel (aten._weight_int4pack_mm_for_cpu)"
+    return None
+
+
+@register_technique(
+    "quantize/int4-weight-only",
+    Int4WeightOnly,
+    needs=("x86",),
+    summary="weight-only int4 (groupwise, ATen CPU int4 kernel): 8x smaller Linear weights",
+)
+def int4_weight_only(
+    model: nn.Module, config: Int4WeightOnly, *, inplace: bool = False, **_: Any
+) -> nn.Module:
+    """Apply :class:`Int4WeightOnly` (a copy unless ``inplace``)."""
+    reason = _int4_available()
+    if reason:
+        raise TechniqueUnavailableError(f"Int4WeightOnly cannot run here: {reason}")
+    q = model if inplace else copy.deepcopy(model)
+    q.eval()
+    selected = [
+        n for n in select_layers(q, config) if q.get_submodule(n).in_features % config.group_size == 0
+    ]
+    if not selected:
+        raise _no_layers(q, config)
+    for name in selected:
+        parent_name, _, child = name.rpartition(".")
+        parent = q.get_submodule(parent_name) if parent_name else q
+        setattr(parent, child, Int4Linear.from_linear(q.get_submodule(name), config.group_size))
+    return _set_info(
+        q, technique="quantize/int4-weight-only", backend="aten-cpu", layers=selected, mode="eager"
     )
 
 
