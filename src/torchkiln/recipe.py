@@ -161,6 +161,22 @@ class EarlyStoppingConfig(_Strict):
     min_delta: float = Field(0.0, ge=0.0)
 
 
+class FSDPConfig(_Strict):
+    """FSDP2 (``fully_shard``) options for ``train.strategy = "fsdp"`` (or ``auto`` above the threshold).
+
+    ``param_dtype``/``reduce_dtype``: the MixedPrecisionPolicy (unsharded parameters for compute, and
+    gradient reduction; None keeps the parameters' own dtype). ``cpu_offload``: keep sharded parameters,
+    gradients and optimizer states on the CPU (CUDA training only). ``auto_above_params``: the
+    parameter count from which ``strategy = "auto"`` picks FSDP instead of DDP.
+    """
+
+    param_dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    reduce_dtype: Literal["fp32", "bf16", "fp16"] | None = None
+    cpu_offload: bool = False
+    reshard_after_forward: bool = True
+    auto_above_params: int = Field(100_000_000, ge=1)
+
+
 class TrainConfig(_Strict):
     """The ``[train]`` section; also what ``tk.fit(**kwargs)`` accepts."""
 
@@ -200,6 +216,15 @@ class TrainConfig(_Strict):
     seed: int = 0
     threads: int | None = Field(None, ge=1)
     out_dir: str | None = None
+    # Distributed (under torchrun / `kiln train --nproc-per-node N`; ignored in one process).
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = Field(
+        "auto", description="auto: none for 1 process, ddp, or fsdp from fsdp.auto_above_params parameters"
+    )
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+    dist_backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on CUDA, else gloo")
+    dist_timeout_s: float = Field(
+        300.0, gt=0.0, description="a collective waiting longer than this fails (dead or hung rank)"
+    )
 
     @field_validator("device")
     @classmethod

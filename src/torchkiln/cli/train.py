@@ -24,31 +24,86 @@ def register(app: typer.Typer) -> None:
         history: bool = typer.Option(
             True, "--history/--no-history", help="Record the run in runs/history.sqlite."
         ),
+        nproc_per_node: int | None = typer.Option(
+            None,
+            "--nproc-per-node",
+            help="Train on N processes per node with torch.distributed (torchrun, elastic); "
+            "train.strategy picks DDP or FSDP2. data.batch_size is per process.",
+        ),
+        nnodes: int = typer.Option(1, "--nnodes", help="Nodes taking part (with --nproc-per-node)."),
+        node_rank: int = typer.Option(0, "--node-rank", help="This node's rank, 0..nnodes-1."),
+        master_addr: str | None = typer.Option(
+            None, "--master-addr", help="Address of node 0 (several nodes; default: local standalone)."
+        ),
+        master_port: int | None = typer.Option(
+            None, "--master-port", help="Port on node 0 (several nodes; default: a free local port)."
+        ),
+        max_restarts: int = typer.Option(
+            0,
+            "--max-restarts",
+            help="Restart the worker group up to K times after a failure; a restart resumes from the "
+            "newest checkpoint.",
+        ),
     ) -> None:
         """Train a model from a recipe: mixed precision, accumulation, schedules, checkpoints, resume.
 
         Writes metrics.jsonl, TensorBoard events (if installed), checkpoints and model.pt to the run
-        directory. Every recipe key is checked before any work starts.
+        directory. Every recipe key is checked before any work starts. With --nproc-per-node N the
+        same recipe trains on N processes (DDP or FSDP2); the same happens under your own torchrun.
         """
         from rich.console import Console
 
         from torchkiln.recipe import load_recipe
+        from torchkiln.train import distributed
 
         console = Console()
         rec = load_recipe(recipe, set_)
         if check:
             console.print(f"[green]ok[/] {recipe}: model={rec.model.name} data={rec.data.name}")
             return
-        from torchkiln.train.from_recipe import train_recipe
-
         out_dir = out or (
             Path(rec.train.out_dir) if rec.train.out_dir else Path("runs") / (rec.name or "run")
         )
-        console.print(
-            f"[bold]kiln train[/] {recipe}  model={rec.model.name} data={rec.data.name} "
-            f"precision={rec.train.precision} accumulate={rec.train.accumulate} -> {out_dir}"
-        )
+        env = distributed.launched_env()
+        if nproc_per_node is not None:
+            if env is not None:
+                raise distributed.DistributedError(
+                    "--nproc-per-node inside a process torchrun already started: drop the option "
+                    "(fit reads RANK/WORLD_SIZE from torchrun)"
+                )
+            console.print(
+                f"[bold]kiln train[/] {recipe} on {nnodes} node(s) x {nproc_per_node} process(es), "
+                f"strategy={rec.train.strategy} -> {out_dir}"
+            )
+            worker = ["train", str(recipe), "--out", str(out_dir)]
+            worker += [arg for text in set_ for arg in ("--set", text)]
+            worker += ["--history" if history else "--no-history"]
+            if resume is not None:
+                worker += ["--resume", resume]
+            distributed.launch(
+                worker,
+                nproc_per_node=nproc_per_node,
+                nnodes=nnodes,
+                node_rank=node_rank,
+                master_addr=master_addr,
+                master_port=master_port,
+                max_restarts=max_restarts,
+            )
+            return
+        from torchkiln.train.from_recipe import train_recipe
+
+        main = distributed.is_main_process()
+        if main:
+            where = f" (rank 0 of {env['world_size']})" if env and env["world_size"] > 1 else ""
+            console.print(
+                f"[bold]kiln train[/] {recipe}{where}  model={rec.model.name} data={rec.data.name} "
+                f"precision={rec.train.precision} accumulate={rec.train.accumulate} -> {out_dir}"
+            )
         result = train_recipe(rec, resume=resume, out_dir=out_dir, record=history)
+        if env is not None:  # (after a failure the process just exits: a barrier would wait for the timeout)
+            distributed.shutdown()
+        if not main:
+            return
         print_result(console, result)
         if result.run_id:
             from torchkiln.report import report_for
@@ -64,6 +119,8 @@ def print_result(console, result) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("optimizer steps", f"{result.steps}")
+    if getattr(result, "world_size", 1) > 1:
+        table.add_row("processes", f"{result.world_size} ({result.strategy})")
     if result.skipped_steps:
         table.add_row("fp16 steps skipped (overflow)", f"{result.skipped_steps}")
     if result.nonfinite_losses:
@@ -75,7 +132,11 @@ def print_result(console, result) -> None:
         table.add_row("final train loss", f"{result.losses[-1]:.4f}")
     for key, value in result.val_metrics.items():
         table.add_row(key, f"{value:.4f}")
-    table.add_row("throughput", f"{result.samples_per_s:,.1f} samples/s")
+    table.add_row(
+        "throughput",
+        f"{result.samples_per_s:,.1f} samples/s"
+        + (" (all processes)" if getattr(result, "world_size", 1) > 1 else ""),
+    )
     if result.tokens_per_s:
         table.add_row("tokens/s", f"{result.tokens_per_s:,.0f}")
     if getattr(result, "padding_efficiency", None) is not None:

@@ -73,11 +73,17 @@ def sample_lengths(dataset: Any, field: str = "tokens") -> list[int]:
     return out
 
 
-def token_budget_loader(dataset: Any, recipe: Recipe, *, shuffle: bool) -> Any:
-    """A DataLoader batching ``dataset`` by a token budget (``data.max_tokens``) with padding + masks."""
+def token_budget_loader(dataset: Any, recipe: Recipe, *, shuffle: bool, shard: bool = False) -> Any:
+    """A DataLoader batching ``dataset`` by a token budget (``data.max_tokens``) with padding + masks.
+
+    ``shard``: under torchrun, this rank's share of the batches (disjoint, equal counts per rank).
+    """
     from torch.utils.data import DataLoader
 
     from torchkiln.data import PadCollate, TokenBudgetSampler
+    from torchkiln.train.distributed import env_rank_world
+
+    rank, world = env_rank_world() if shard else (0, 1)
 
     d = recipe.data
     lengths = sample_lengths(dataset)
@@ -90,6 +96,9 @@ def token_budget_loader(dataset: Any, recipe: Recipe, *, shuffle: bool) -> Any:
         shuffle=shuffle,
         seed=recipe.train.seed,
         oversize=d.oversize,
+        num_replicas=world,
+        rank=rank,
+        drop_last=d.drop_last,
     )
     max_len = d.max_length
     if d.oversize == "truncate":
@@ -121,19 +130,26 @@ def train_recipe(
     **overrides: Any,
 ) -> FitResult:
     """Seed, build the recipe's model and data, and :func:`fit` them; the run goes to ``out_dir``
-    (default ``runs/<recipe name>``) and, with ``record``, into the run history."""
+    (default ``runs/<recipe name>``) and, with ``record``, into the run history.
+
+    Under torchrun every rank builds the same model (same seed) and data; fit shards the batches, and
+    only rank 0 writes ``recipe.json`` and records the run."""
+    from torchkiln.train.distributed import is_main_process
+
     cfg = recipe.train
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     _seed_everything(cfg.seed)  # model initialization is part of the recipe's reproducibility
     model, train, val, _ = build_from_recipe(recipe)
     if recipe.data.max_tokens is not None:
-        train = token_budget_loader(train, recipe, shuffle=recipe.data.shuffle)
+        train = token_budget_loader(train, recipe, shuffle=recipe.data.shuffle, shard=True)
         if val is not None:
             val = token_budget_loader(val, recipe, shuffle=False)
     out = out_dir or cfg.out_dir or str(Path("runs") / (recipe.name or "run"))
+    main = is_main_process()
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "recipe.json").write_text(recipe.model_dump_json(indent=2), encoding="utf-8")
+    if main:
+        (Path(out) / "recipe.json").write_text(recipe.model_dump_json(indent=2), encoding="utf-8")
     result = fit(
         model,
         train,
@@ -146,7 +162,7 @@ def train_recipe(
         out_dir=str(out),
         **overrides,
     )
-    if record:
+    if record and main:
         result.run_id = record_train_run(result, recipe.name or "run", config=recipe.model_dump(mode="json"))
     return result
 

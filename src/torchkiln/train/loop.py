@@ -9,6 +9,11 @@ activation checkpointing) is switched on by the config; everything that makes it
 * the learning rate is a pure function of the optimizer-step count;
 * checkpoints are atomic and hold everything needed to resume mid-epoch with identical losses.
 
+Under torchrun (``kiln train --nproc-per-node N``) the same loop runs on every rank: DDP or FSDP2
+wraps the model (train/distributed.py), each rank sees its own disjoint part of every global batch
+(equal batch counts, or collectives would hang), the window's loss is normalized by the item count
+summed over ranks, and only rank 0 prints and writes logs. Not launched, none of that code runs.
+
 >>> import torch, torchkiln as tk
 >>> data = tk.create_dataset("synthetic", "train", task="classification", n=64, features=8, num_classes=3)
 >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
@@ -35,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchkiln.errors import CheckpointError, NonFiniteLossError, RecipeError
 from torchkiln.recipe import TrainConfig, train_config
 from torchkiln.train import checkpoint as ckpt_io
+from torchkiln.train import distributed
 from torchkiln.train.activation_checkpointing import (
     apply_activation_checkpointing,
     remove_activation_checkpointing,
@@ -75,6 +81,8 @@ class FitResult:
     last_checkpoint: str | None = None
     out_dir: str | None = None
     run_id: str | None = None
+    world_size: int = 1  # processes that trained; samples_per_s/tokens_per_s are the whole job's
+    strategy: str = "none"
 
     def summary(self) -> dict[str, Any]:
         keys = (
@@ -89,6 +97,8 @@ class FitResult:
             "flops_per_step",
             "mfu",
             "last_checkpoint",
+            "world_size",
+            "strategy",
         )
         out = {k: getattr(self, k) for k in keys}
         out["final_loss"] = self.losses[-1] if self.losses else None
@@ -152,11 +162,22 @@ def make_loader(
     drop_last: bool = False,
     pin_memory: bool = False,
     collate_fn: Callable | None = None,
+    num_replicas: int = 1,
+    rank: int = 0,
 ) -> DataLoader | Iterable:
-    """A DataLoader over ``data`` with an :class:`EpochBatchSampler` (resumable); loaders pass through."""
+    """A DataLoader over ``data`` with an :class:`EpochBatchSampler` (resumable; sharded across
+    ``num_replicas`` ranks when more than one); loaders pass through."""
     if isinstance(data, DataLoader) or not isinstance(data, Dataset) or not hasattr(data, "__len__"):
         return data
-    sampler = EpochBatchSampler(len(data), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    sampler = EpochBatchSampler(
+        len(data),
+        batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        drop_last=drop_last,
+        num_replicas=num_replicas,
+        rank=rank,
+    )
     if collate_fn is None:
         # Indexed datasets gather a whole batch in one __getitems__ call; their collate keeps it as is.
         collate_fn = getattr(data, "default_collate_fn", None)
@@ -205,7 +226,7 @@ def _checkpoint_dir(out_dir: Path) -> Path:
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     """The newest ``step-*.pt`` in ``out_dir/checkpoints`` (what ``--resume auto`` picks)."""
-    found = sorted(_checkpoint_dir(Path(out_dir)).glob("step-*.pt"))
+    found = sorted(p for p in _checkpoint_dir(Path(out_dir)).glob("step-*.pt") if p.is_file())
     return found[-1] if found else None
 
 
@@ -224,8 +245,13 @@ def evaluate(
     ignore_index: int = -100,
     max_batches: int | None = None,
     channels_last: bool = False,
+    dist: distributed.DistContext | None = None,
 ) -> dict[str, float]:
     """Mean loss over every item of ``data``, plus accuracy (classification) and perplexity (token-level).
+
+    ``dist`` (fit passes it under torchrun): each rank evaluates its own batches (``max_batches`` then
+    counts per rank, rounded up from ``max_batches / world``) and the sums and counts are all-reduced,
+    so every rank gets the metrics of the whole data set.
 
     >>> import torch, torchkiln as tk
     >>> data = tk.create_dataset("synthetic", "val", task="classification", n=32, features=4, num_classes=2)
@@ -241,22 +267,35 @@ def evaluate(
     computer = LossComputer(loss, ignore_index=ignore_index, model=model)
     prec = Precision(precision, dev.type)
     loader = make_loader(data, batch_size=batch_size, shuffle=False, seed=0)
+    lockstep = 0  # FSDP: forwards every rank must run (each forward all-gathers weights with the others)
+    if dist is not None:
+        unsharded = loader
+        loader = distributed.shard_loader(loader, dist, seed=0, equal=False)
+        if max_batches is not None:
+            max_batches = -(-max_batches // dist.world_size)
+        if dist.strategy == "fsdp":
+            lockstep = -(-len(loader.batch_sampler.inner) // dist.world_size)
+            lockstep = min(lockstep, max_batches) if max_batches is not None else lockstep
     was_training = model.training
     model.eval()
     total_loss, total_items, correct, token_level, has_acc = 0.0, 0, 0, False, False
+    forwards = 0
     try:
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
             args, kwargs, target = computer.split(batch)
             count = computer.count(target, kwargs, args)
-            if count == 0:
+            if count == 0 and not lockstep:
                 continue
+            forwards += 1
             args, kwargs, target = move_to((args, kwargs, target), dev, channels_last=channels_last)
             with prec.autocast():
                 out = model(*args, **kwargs)
-                share = computer.window_share(out, target, count, count)  # mean over this batch
-            total_loss += float(share) * count
+                share = computer.window_share(out, target, count, count) if count else None
+            if share is None:
+                continue  # (FSDP lockstep) a forward with no items to count
+            total_loss += float(share) * count  # share: the mean over this batch
             total_items += count
             logits = output_logits(out)
             if isinstance(target, torch.Tensor) and not target.is_floating_point() and logits is not None:
@@ -268,8 +307,18 @@ def evaluate(
                     has_acc = True
                     mask = t != ignore_index
                     correct += int(((logits.argmax(-1) == t) & mask).sum())
+        if forwards < lockstep:  # this rank has fewer batches: forwards whose results are dropped
+            args, kwargs, _ = computer.split(next(iter(unsharded)))
+            args, kwargs = move_to((args, kwargs), dev, channels_last=channels_last)
+            for _ in range(lockstep - forwards):
+                with prec.autocast():
+                    model(*args, **kwargs)
     finally:
         model.train(was_training)
+    if dist is not None:  # sums and counts over ranks, not a mean of per-rank means
+        sums = dist.all_sum([total_loss, total_items, correct, float(token_level), float(has_acc)])
+        total_loss, total_items, correct = sums[0], int(sums[1]), int(sums[2])
+        token_level, has_acc = sums[3] > 0, sums[4] > 0
     if total_items == 0:
         raise ValueError("evaluation data produced no items (empty dataset, or every target is ignore_index)")
     mean = total_loss / total_items
@@ -306,15 +355,32 @@ def fit(
     Batches are tuples ``(inputs..., target)`` or dicts (target under ``labels``/``target``/``y``, or
     ``loss="model"`` when the model returns its own loss). ``resume`` is a checkpoint path or ``"auto"``
     (the newest in ``out_dir``).
+
+    Under torchrun, ``batch_size`` is per rank and ``strategy`` (``auto``/``ddp``/``fsdp``) says how
+    the model is replicated or sharded; see :mod:`torchkiln.train.distributed`.
     """
     cfg = _merge_config(config, overrides)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    device = _resolve_device(cfg.device)
+    # Launched by torchrun: join the process group (each collective times out after dist_timeout_s).
+    # In one process `dist` is None and none of the distributed code below runs.
+    dist = distributed.setup(
+        cfg.device, backend=cfg.dist_backend, timeout_s=cfg.dist_timeout_s, strategy=cfg.strategy
+    )
+    if dist is not None:
+        dist.strategy = distributed.resolve_strategy(
+            cfg.strategy, model, dist.world_size, cfg.fsdp.auto_above_params
+        )
+        if dist.strategy == "none":  # a process group of one: train as a single process
+            dist = None
+    device = dist.device if dist is not None else _resolve_device(cfg.device)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
+    if dist is not None and resume is None and dist.restart_count and out_dir is not None:
+        resume = "auto"  # an elastic restart (torchrun --max-restarts) continues from the newest checkpoint
     resume_path = _resolve_resume(resume, out_dir)
     if resume_path is None:
-        _seed_everything(cfg.seed)
+        # Every rank its own stream (dropout masks differ per rank); rank 0 draws what one process would.
+        _seed_everything(cfg.seed + (dist.rank if dist is not None else 0))
 
     # --- the model: the original module is what we save; `run_model` is what we call ---------------
     original = ckpt_io.unwrap_model(model)
@@ -324,6 +390,10 @@ def fit(
     if cfg.activation_checkpointing is not None and cfg.activation_checkpointing.enabled:
         ac = cfg.activation_checkpointing
         apply_activation_checkpointing(original, modules=ac.modules, every=ac.every)
+    if dist is not None:
+        _check_distributed(cfg, dist)
+        # DDP wraps `original` (which stays what we save); FSDP2 shards `original` in place.
+        model = distributed.wrap_model(model, dist, cfg.fsdp)
     ema = None
     if cfg.ema is not None and cfg.ema.enabled:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -346,7 +416,11 @@ def fit(
         label_smoothing=cfg.label_smoothing,
         model=original,
     )
-    optimizer = build_optimizer(original, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt_cfg = cfg.optimizer
+    if dist is not None and dist.strategy == "fsdp" and opt_cfg.implementation == "auto":
+        # Fused optimizer kernels have no sharding rule for FSDP's DTensor parameters; foreach does.
+        opt_cfg = opt_cfg.model_copy(update={"implementation": "foreach"})
+    optimizer = build_optimizer(original, opt_cfg, lr=cfg.lr, weight_decay=cfg.weight_decay)
     precision = Precision(cfg.precision, device.type)
     pin = device.type == "cuda"
     loader = make_loader(
@@ -357,7 +431,11 @@ def fit(
         num_workers=num_workers,
         pin_memory=pin,
         collate_fn=collate_fn,
+        num_replicas=dist.world_size if dist is not None else 1,
+        rank=dist.rank if dist is not None else 0,
     )
+    if dist is not None and loader is train_data:  # a DataLoader fit did not build: shard its batches
+        loader = distributed.shard_loader(loader, dist, seed=cfg.seed, equal=True)
     val_loader = None
     if val_data is not None:
         val_loader = make_loader(
@@ -386,14 +464,19 @@ def fit(
     state = _State()
     result = FitResult(model=original, out_dir=str(out_dir) if out_dir else None)
     resume_rng = None
+    if dist is not None:
+        result.world_size, result.strategy = dist.world_size, dist.strategy
     if resume_path is not None:
-        resume_rng = _restore(resume_path, original, optimizer, precision, ema, loader, state, result)
+        resume_rng = _restore(
+            resume_path, original, optimizer, precision, ema, loader, state, result, dist, cfg.seed
+        )
 
+    main = dist is None or dist.is_main  # only rank 0 prints and writes logs, history and model.pt
     monitor = Monitor(
         total_steps=total_steps or 0,
-        out_dir=out_dir,
-        progress=cfg.progress,
-        tensorboard=cfg.tensorboard,
+        out_dir=out_dir if main else None,
+        progress=cfg.progress if main else "off",
+        tensorboard=cfg.tensorboard and main,
         description=type(original).__name__,
     )
     monitor.advance_to(state.step)
@@ -419,11 +502,29 @@ def fit(
             return
         done_at["checkpoint"] = state.step
         path = _checkpoint_dir(out_dir) / f"step-{state.step:08d}.pt"
+        sharded = dist is not None and dist.strategy == "fsdp"
+        if dist is not None:
+            # Every rank writes its part (RNG; FSDP: its shards), then rank 0 the file that completes it.
+            if sharded:
+                ckpt_io.save_sharded(original, optimizer, ckpt_io.sharded_dir(path))
+            if not main:
+                rng_part = {
+                    "rng": ckpt_io.rng_state(),
+                    "rng_epoch_start": None if epoch_end else rng_epoch_start,
+                }
+                ckpt_io.atomic_save(rng_part, ckpt_io.rank_parts_dir(path) / f"rank-{dist.rank}.pt")
+            dist.barrier()
+            if not main:
+                result.last_checkpoint = str(path)
+                return
         ckpt_io.atomic_save(
             {
                 "format_version": ckpt_io.FORMAT_VERSION,
-                "model": original.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "model": None if sharded else original.state_dict(),
+                "optimizer": None if sharded else optimizer.state_dict(),
+                "sharded": ckpt_io.sharded_dir(path).name if sharded else None,
+                "world_size": dist.world_size if dist is not None else 1,
+                "batch_size": batch_size,
                 "scaler": precision.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None,
                 "state": {
@@ -444,8 +545,10 @@ def fit(
             path,
         )
         result.last_checkpoint = str(path)
-        for old in sorted(_checkpoint_dir(out_dir).glob("step-*.pt"))[: -cfg.keep_checkpoints]:
-            old.unlink(missing_ok=True)
+        for old in sorted(p for p in _checkpoint_dir(out_dir).glob("step-*.pt") if p.is_file())[
+            : -cfg.keep_checkpoints
+        ]:
+            ckpt_io.remove_checkpoint(old)
 
     def run_eval() -> bool:
         """Evaluate; return True when early stopping says stop."""
@@ -464,6 +567,7 @@ def fit(
             ignore_index=cfg.ignore_index,
             channels_last=cfg.channels_last,
             max_batches=cfg.eval_batches,
+            dist=dist,
         )
         metrics = {k: v for k, v in metrics.items() if k != "val_items"}
         result.val_metrics = metrics
@@ -489,9 +593,10 @@ def fit(
     stop = False
     rng_epoch_start = None
     # Per-step constants, resolved once: the step itself should cost what a hand-written loop costs.
-    single = cfg.accumulate == 1
+    # (Distributed: every micro-batch is normalized by the count over all ranks, so no shortcut.)
+    single = cfg.accumulate == 1 and dist is None
     needs_move = device.type != "cpu" or cfg.channels_last
-    no_sync = getattr(model, "no_sync", None)
+    no_sync = getattr(model, "no_sync", None) if dist is None else distributed.no_sync_context(model)
 
     sdpa_default = isinstance(
         sdpa_context(cfg.sdpa_backend, cfg.precision, device.type), contextlib.nullcontext
@@ -533,11 +638,19 @@ def fit(
                 else:
                     counts = [loss.count(target, kwargs, args) for args, kwargs, target in parts]
                     window_total = sum(counts)
+                    if dist is not None:
+                        # The window's mean is over every rank's items (not a mean of per-rank means):
+                        # sum the counts over ranks. DDP/FSDP then average gradients over ranks, so
+                        # each share is divided by total / world_size.
+                        window_total = dist.all_sum([window_total])[0] / dist.world_size
                     if window_total == 0:
-                        continue  # nothing to learn from (every target ignored)
+                        continue  # nothing to learn from (every target ignored, on every rank)
 
                 if cfg.flops and result.flops_per_sample is None and not first_window_done:
-                    _count_flops(original, parts[0], loss, device, cfg, result)
+                    if dist is not None and dist.strategy == "fsdp":
+                        result.uncounted_ops = ["FLOPs not counted under FSDP (sharded weights)"]
+                    else:
+                        _count_flops(original, parts[0], loss, device, cfg, result)
 
                 shares = []
                 last = len(parts) - 1
@@ -566,6 +679,8 @@ def fit(
 
                 # The host reads the loss once per optimizer step, after all backward work is queued.
                 loss_value = float(shares[0]) if single else sum(float(x) for x in shares)
+                if dist is not None:  # the global window loss, the same on every rank: all skip together
+                    loss_value = dist.all_sum([loss_value])[0] / dist.world_size
                 if not math.isfinite(loss_value):
                     optimizer.zero_grad(set_to_none=True)
                     state.nonfinite += 1
@@ -620,9 +735,11 @@ def fit(
                         "skipped_steps": state.skipped,
                     }
                     if timed_s > 0:
-                        record["samples_per_s"] = sample_count / timed_s
+                        # (distributed: rank 0's rate times the world; ranks run in lockstep)
+                        scale = dist.world_size if dist is not None else 1
+                        record["samples_per_s"] = scale * sample_count / timed_s
                         if token_count:
-                            record["tokens_per_s"] = token_count / timed_s
+                            record["tokens_per_s"] = scale * token_count / timed_s
                     log(record)
                 if counted:  # the bar and the metrics are part of what a step costs
                     timed_s += time.perf_counter() - t_mid
@@ -658,6 +775,10 @@ def fit(
 
     # --- results --------------------------------------------------------------------------------------
     result.steps, result.skipped_steps, result.nonfinite_losses = state.step, state.skipped, state.nonfinite
+    if dist is not None:  # throughput of the whole job
+        sample_count, token_count, real_token_count = (
+            int(v) for v in dist.all_sum([sample_count, token_count, real_token_count])
+        )
     result.train_time_s = timed_s
     if timed_s > 0:
         result.samples_per_s = sample_count / timed_s
@@ -679,7 +800,10 @@ def fit(
         if callable(getattr(cb, "on_train_end", None)):
             cb.on_train_end(original)
     if out_dir is not None:
-        ckpt_io.atomic_save(original.state_dict(), out_dir / "model.pt")
+        # The whole, unprefixed state_dict (FSDP: gathered from the shards, a collective on all ranks).
+        final_state = original.state_dict() if dist is None else ckpt_io.full_model_state_dict(original)
+        if main:
+            ckpt_io.atomic_save(final_state, out_dir / "model.pt")
         summary = result.summary()
         summary["event"] = "summary"
         monitor.log(summary, tensorboard=False)
@@ -727,14 +851,25 @@ def _restore(
     loader: Any,
     state: _State,
     result: FitResult,
+    dist: distributed.DistContext | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
     ckpt = ckpt_io.load_checkpoint(path)
     ckpt_io.check_format(ckpt, path)
-    ckpt_io.load_model_state(original, ckpt["model"], path)
-    try:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (ValueError, KeyError) as exc:
-        raise CheckpointError(f"optimizer state in {path} does not match this optimizer: {exc}") from None
+    if ckpt.get("sharded"):  # FSDP shards (DCP): loadable on any world size, one process included
+        ckpt_io.load_sharded(original, optimizer, path.parent / ckpt["sharded"])
+    else:
+        if dist is not None and dist.strategy == "fsdp":
+            raise CheckpointError(
+                f"{path} holds a full model and optimizer (written by one process or DDP); resuming it "
+                "under FSDP is not supported: resume with train.strategy='ddp' (or one process), or load "
+                "only the weights (model.pt) into the model before fit"
+            )
+        ckpt_io.load_model_state(original, ckpt["model"], path)
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"optimizer state in {path} does not match this optimizer: {exc}") from None
     precision.load_state_dict(ckpt["scaler"])
     if ema is not None and ckpt.get("ema") is not None:
         ema.load_state_dict(ckpt["ema"])
@@ -744,7 +879,64 @@ def _restore(
     state.best, state.bad_evals = s["best"], s["bad_evals"]
     result.losses, result.lrs = list(ckpt["losses"]), list(ckpt["lrs"])
     result.last_checkpoint = str(path)
-    return {"now": ckpt["rng"], "epoch_start": ckpt["rng_epoch_start"]}
+    rng = {"now": ckpt["rng"], "epoch_start": ckpt["rng_epoch_start"]}
+    saved_world, world = int(ckpt.get("world_size", 1)), dist.world_size if dist is not None else 1
+    if dist is not None and dist.rank > 0:  # this rank's own RNG streams, from its part of the checkpoint
+        part = ckpt_io.rank_parts_dir(path) / f"rank-{dist.rank}.pt"
+        if part.is_file():
+            saved = ckpt_io.load_checkpoint(part)
+            rng = {"now": saved["rng"], "epoch_start": saved["rng_epoch_start"]}
+        else:  # a rank the writing job did not have: a fresh stream of its own
+            _seed_everything(seed + dist.rank + 1_000_003 * state.step)
+            fresh = ckpt_io.rng_state()
+            rng = {"now": fresh, "epoch_start": fresh if rng["epoch_start"] is not None else None}
+    if saved_world != world and state.batch_in_epoch:
+        state.batch_in_epoch = _remap_position(path, ckpt, loader, state.batch_in_epoch, saved_world)
+    return rng
+
+
+def _remap_position(path: Path, ckpt: dict[str, Any], loader: Any, batches: int, saved_world: int) -> int:
+    """A mid-epoch position written by ``saved_world`` ranks, in batches of this run's sampler."""
+    import warnings
+
+    sampler = _sampler_of(loader)
+    saved_batch = ckpt.get("batch_size")
+    if not isinstance(sampler, EpochBatchSampler) or not saved_batch:
+        raise CheckpointError(
+            f"{path} was written mid-epoch by {saved_world} rank(s); this run has a different number "
+            "and its sampler cannot map the position: resume with the same number of ranks, or from an "
+            "epoch-end checkpoint (train.checkpoint_every = 0)"
+        )
+    consumed = min(batches * int(saved_batch) * saved_world, sampler.n)
+    position, rest = divmod(consumed, sampler.batch_size * sampler.num_replicas)
+    if rest:
+        warnings.warn(
+            f"resuming {path} ({saved_world} rank(s)) on {sampler.num_replicas}: {rest} sample(s) of the "
+            "epoch are seen again (the position falls inside a global batch of this run)",
+            stacklevel=3,
+        )
+    return position
+
+
+def _check_distributed(cfg: TrainConfig, dist: distributed.DistContext) -> None:
+    """Combinations fit does not support under torch.distributed, refused before any work."""
+    if dist.strategy != "fsdp":
+        return
+    if cfg.optimizer.implementation == "fused":
+        raise RecipeError(
+            "train.optimizer.implementation='fused' has no kernel for FSDP's sharded (DTensor) "
+            "parameters: use 'auto' (foreach under FSDP) or 'foreach'"
+        )
+    if cfg.precision == "fp16":
+        raise RecipeError(
+            "train.precision='fp16' with FSDP needs a sharded gradient scaler, which fit does not "
+            "provide: use precision='bf16' (no scaler), or train.strategy='ddp'"
+        )
+    if cfg.ema is not None and cfg.ema.enabled:
+        raise RecipeError(
+            "train.ema with FSDP is not supported (the average would need the full weights): "
+            "use train.strategy='ddp' or turn EMA off"
+        )
 
 
 def _count_flops(
