@@ -14,7 +14,8 @@ pooler, the last Linear, kept float):
 * ``onnxruntime`` -- dynamo ONNX export, ORT per-channel int8, a 1-thread ``InferenceSession``;
 * ``torchao_autotune`` -- the same int8 model compiled with ``max_autotune`` (inductor's C++ GEMM template
   with AMX micro-kernels, autotuned against oneDNN per shape; full runs only, compile takes minutes);
-* ``fp32_compile`` -- the float model compiled the same way as ``torchao`` (for like with like).
+* ``fp32_compile`` -- the float model compiled the same way as ``torchao`` (for like with like; full
+  runs only).
 
 All are timed interleaved in one process against fp32 eager (rounds alternate the order; before every
 call an idle gap of 50 ms lets ONNX Runtime's spinning pool threads go quiet, BENCHMARKING.md). Per
@@ -157,7 +158,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         variants: dict[str, Callable[[], Any]] = {"fp32": lambda x=x: model(x)}
         for name, q in quantized.items():
             variants[name] = lambda q=q, x=x: q(x)
-        variants["fp32_compile"] = lambda x=x: fp32_compiled(x)
+        if not args.quick:  # one compile fewer per batch size keeps --quick near a minute
+            variants["fp32_compile"] = lambda x=x: fp32_compiled(x)
         with torch.inference_mode():
             ref = model(x)
             cos, first_call = {}, {}
@@ -224,7 +226,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     f"p50 {res['p50_ms'][name]:.1f} ms",
                 )
             )
-        if "torchao" in res["speedups"]:
+        if "torchao" in res["speedups"] and "fp32_compile" in res["speedups"]:
             like = res["speedups"]["torchao"]["median"] / res["speedups"]["fp32_compile"]["median"]
             figures.append(
                 figure(f"torchao_vs_fp32_compile_b{bs}", like, note="compiled vs compiled (like with like)")
