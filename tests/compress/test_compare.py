@@ -124,3 +124,10 @@ def test_every_registered_technique_is_described():
     for info in registry.describe_techniques():
         assert info["name"].count("/") == 1 and info["summary"], info
         assert isinstance(info["missing"], list)
+
+
+def test_packed_int8_weights_count_as_parameters():
+    pytest.importorskip("torchao")
+    model = tk.create_model("mlp", hidden=(32, 32))
+    quantized = tk.quantize(model, tk.Int8Dynamic(backend="eager", keep_first_last=False))
+    assert not list(quantized.parameters())[:0] and cmp.parameter_count(quantized) == cmp.parameter_count(model)

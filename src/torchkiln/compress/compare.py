@@ -45,23 +45,54 @@ class CompareError(KilnError, ValueError):
 
 
 def parameter_count(model: Any) -> int | None:
-    """Parameters of ``model`` (an ``nn.Module``; objects may define ``num_parameters()``), else None.
+    """Weights of ``model``: its parameters plus packed quantized weights, else None if it is no module.
 
-    Quantized tensor subclasses count their logical elements, so int8 and fp32 models count the same;
-    the artifact size is what shows the saving.
+    Objects may define ``num_parameters()``. Quantized tensor subclasses count their logical elements;
+    the packed weights of eager quantized modules (``weight()``/``bias()`` methods) and the int8 weight
+    constants of an exported/converted graph (``get_attr`` tensors of two or more dimensions that are not
+    parameters) are counted too, so an int8 model counts what its float original did -- the artifact size
+    is what shows the saving.
     """
     counter = getattr(model, "num_parameters", None)
     if callable(counter) and not isinstance(model, nn.Module):
         return int(counter())
-    if isinstance(model, nn.Module):
-        seen: set[int] = set()
-        total = 0
-        for p in model.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel()
-        return total
-    return None
+    if not isinstance(model, nn.Module):
+        return None
+    seen: set[int] = set()
+    total = 0
+
+    def add(t: Any) -> None:
+        nonlocal total
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel()
+
+    for p in model.parameters():
+        add(p)
+    for m in model.modules():
+        for attr in ("weight", "bias"):
+            fn = getattr(type(m), attr, None)
+            if callable(fn) and not isinstance(fn, property):  # eager quantized modules pack their weights
+                try:
+                    add(getattr(m, attr)())
+                except Exception:  # noqa: BLE001 - not a packed-weight accessor after all
+                    pass
+        if isinstance(m, torch.fx.GraphModule):
+            for node in m.graph.nodes:
+                if node.op == "get_attr":
+                    value = _get_attr(m, str(node.target))
+                    if isinstance(value, torch.Tensor) and value.ndim >= 2:
+                        add(value)
+    return total
+
+
+def _get_attr(module: nn.Module, target: str) -> Any:
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None
+    return value
 
 
 def artifact_bytes(model: Any, path: str | os.PathLike[str] | None = None) -> int | None:
@@ -291,13 +322,25 @@ def _flops(model: Any, inputs: Any, notes: list[str], label: str) -> int | None:
         return None
 
 
-def _runner(model: Any, mode: str) -> Callable[..., Any]:
-    if mode == "compile" and isinstance(model, nn.Module):
-        from torch._dynamo.eval_frame import OptimizedModule
+def _runners(before: Any, after: Any, mode: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """What is timed for each side. ``compile``: both through inductor with freezing (int8 kernels need it;
+    a quantized model is set up by :func:`~torchkiln.compress.quantize.run_like`, which compiles a static
+    int8 model from its converted graph). ``eager``: as they are."""
+    if mode != "compile":
+        return before, after
+    from torch._dynamo.eval_frame import OptimizedModule
 
-        if not isinstance(model, OptimizedModule):
-            return torch.compile(model)
-    return model
+    from torchkiln.compress.quantize import FrozenCompiled, compile_frozen, quant_info, run_like
+
+    if isinstance(before, nn.Module) and quant_info(after):
+        return run_like(after, before, "compile")
+
+    def compiled(model: Any) -> Any:
+        if isinstance(model, nn.Module) and not isinstance(model, (OptimizedModule, FrozenCompiled)):
+            return compile_frozen(model)
+        return model
+
+    return compiled(before), compiled(after)
 
 
 def _batch_size(inputs: Any) -> int | None:
@@ -333,8 +376,9 @@ def compare_models(
     ``example_inputs``: a tensor, a tuple (positional) or a dict (keyword arguments). ``eval_fn(model)``
     returns an accuracy in [0, 1] (called on ``run_before`` / ``run_after``). ``artifacts`` maps
     ``"before"``/``"after"`` to saved files whose size is reported (otherwise the size of each
-    ``state_dict`` saved by ``torch.save``). ``mode="compile"`` runs both through ``torch.compile``
-    (like with like); ``run_before``/``run_after`` override what is timed and evaluated, for artifacts
+    ``state_dict`` saved by ``torch.save``). ``mode="compile"`` runs both through ``torch.compile`` with
+    inductor freezing (like with like; a quantized model as :func:`~torchkiln.compress.quantize.run_like`
+    sets it up); ``run_before``/``run_after`` override what is timed and evaluated, for artifacts
     that run through their own runtime (an ONNX Runtime session, a lowered graph). Latency: the two are
     timed in interleaved rounds in one process with ``threads`` fixed (:func:`interleaved_compare`);
     ``speedup`` is the median per-round ratio ``t_before / t_after``.
@@ -346,8 +390,9 @@ def compare_models(
         raise CompareError(f"artifacts: unknown key(s) {unknown}; accepted: 'before', 'after'")
     notes: list[str] = []
     artifacts = dict(artifacts or {})
-    fn_before = run_before or _runner(before, mode)
-    fn_after = run_after or _runner(after, mode)
+    default_before, default_after = _runners(before, after, mode)
+    fn_before = run_before or default_before
+    fn_after = run_after or default_after
     was_training = {id(m): m.training for m in (before, after) if isinstance(m, nn.Module)}
     for m in (before, after):
         if isinstance(m, nn.Module):
