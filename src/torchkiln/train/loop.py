@@ -49,6 +49,7 @@ from torchkiln.train.ema import BatchNormRefresher, has_batchnorm
 from torchkiln.train.loss import LossComputer, batch_sizes, move_to, output_logits
 from torchkiln.train.monitor import Monitor
 from torchkiln.train.optim import build_optimizer
+from torchkiln.train.pipeline import SPLIT_ATTR
 from torchkiln.train.precision import Precision, sdpa_context
 from torchkiln.train.sampling import EpochBatchSampler
 from torchkiln.train.schedule import set_lr
@@ -384,7 +385,11 @@ def fit(
 
     # --- the model: the original module is what we save; `run_model` is what we call ---------------
     original = ckpt_io.unwrap_model(model)
-    model.to(device)
+    split = getattr(original, SPLIT_ATTR, None)  # placed on several devices by train/pipeline.py
+    if split is None:
+        model.to(device)
+    else:  # keep the placement; batches go to the first stage's device
+        device = split.first_device
     if cfg.channels_last:
         original.to(memory_format=torch.channels_last)
     if cfg.activation_checkpointing is not None and cfg.activation_checkpointing.enabled:
