@@ -244,7 +244,7 @@ def _kiln_train(recipe: Path, out: Path, *extra: str, **env: str) -> subprocess.
     )
 
 
-@pytest.mark.parametrize("fault", ["kill", "hang"])
+@pytest.mark.parametrize("fault", ["kill", pytest.param("hang", marks=pytest.mark.slow)])  # hang: ~15 s
 def test_a_dead_or_hung_rank_ends_the_job_with_an_error(tmp_path, fault):
     proc = _kiln_train(_recipe(tmp_path), tmp_path / "run", KILN_TEST_FAULT=fault)
     assert proc.returncode != 0
