@@ -370,11 +370,6 @@ def register(app: typer.Typer) -> None:
             )
         report.notes.append(f"{len(info.get('layers', []))} layers quantized; artifact {out_path}")
         report.notes.append("FLOPs are not counted: quantization does the same multiply-adds, in int8")
-        if info.get("backend") in ("eager", "pt2e-x86", "onnxruntime"):
-            report.notes.append(
-                "parameters after: weights the backend packs (int8) are not nn.Parameters, so only what "
-                "stayed float is counted; the artifact size is the real comparison"
-            )
         console.print(report.table())
         for note in report.notes:
             console.print(f"note: {note}", highlight=False)

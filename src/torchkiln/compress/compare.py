@@ -54,8 +54,11 @@ def parameter_count(model: Any) -> int | None:
     is what shows the saving.
     """
     counter = getattr(model, "num_parameters", None)
-    if callable(counter) and not isinstance(model, nn.Module):
-        return int(counter())
+    if callable(counter) and not isinstance(counter, nn.Module):
+        try:
+            return int(counter())
+        except TypeError:  # a method with another signature (e.g. Hugging Face's takes options): count here
+            pass
     if not isinstance(model, nn.Module):
         return None
     seen: set[int] = set()
