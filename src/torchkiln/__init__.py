@@ -71,6 +71,11 @@ _LAZY = {
     "load_predictor": "torchkiln.export",
     "fuse": "torchkiln.export",
     "ExportVerificationError": "torchkiln.export",
+    # optimize
+    "optimize": "torchkiln.optimize",
+    "Candidate": "torchkiln.optimize",
+    "accuracy_evaluator": "torchkiln.optimize",
+    "agreement_evaluator": "torchkiln.optimize",
     # errors
     "KilnError": "torchkiln.errors",
     "RecipeError": "torchkiln.errors",

@@ -205,6 +205,10 @@ def _analyse(run: Run) -> dict[str, Any] | None:
     candidates = [(s, i) for i, s in enumerate(speedups) if i != bi and s is not None]
     best = max(candidates, default=None)
     winner = best[1] if best is not None and best[0] > 1.0 else None
+    if "chosen" in run.results:  # an optimize run: the winner is what was chosen under the budget
+        names = [v.get("name") for v in variants]
+        chosen = run.results.get("chosen")
+        winner = names.index(chosen) if chosen in names else None
     return {"variants": variants, "baseline": bi, "speedups": speedups, "best": best, "winner": winner}
 
 

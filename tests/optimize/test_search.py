@@ -1,0 +1,145 @@
+"""tk.optimize end to end on a small MLP (no compile): measurement, skips with reasons, the budget in the
+search loop, branch pruning, resume from the cache, and the chosen artifact."""
+
+import pytest
+import torch
+
+import torchkiln as tk
+from torchkiln.optimize import Candidate, CandidateResult, agreement_evaluator, optimize
+from torchkiln.optimize import search as search_mod
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    torch.manual_seed(0)
+    model = tk.create_model("mlp", hidden=(64,)).eval()
+    x = torch.randn(48, 64)
+    return model, x
+
+
+def test_measures_skips_with_reasons_and_saves_a_loadable_artifact(mlp, tmp_path):
+    model, x = mlp
+    cands = [Candidate(), Candidate(runtime="torchscript"), Candidate(channels_last=True)]
+    res = optimize(
+        model,
+        x,
+        agreement_evaluator(model, x, 16),
+        batch_size=16,
+        quick=True,
+        candidates=cands,
+        out_dir=tmp_path,
+        report=True,
+    )
+    by = {c.key: c for c in res.candidates}
+    assert by["eager"].status == "ok" and by["eager"].accuracy == 1.0 and by["eager"].size_bytes > 0
+    assert by["torchscript"].status == "ok" and by["torchscript"].speedup > 0
+    assert by["torchscript"].accuracy == 1.0
+    skipped = by["eager+channels_last"]
+    assert skipped.status == "skipped" and "4-d" in skipped.why
+    # whatever was chosen (or the baseline), the saved artifact serves the model's outputs
+    assert res.artifact is not None and res.artifact_format in ("torchscript", "export", "onnx")
+    predictor = tk.load_predictor(res.artifact)
+    torch.testing.assert_close(predictor(x[:16]), model(x[:16]), rtol=1e-4, atol=1e-4)
+    assert res.recipe_fragment.read_text().startswith("\n[optimize]")
+    html = res.report.read_text()
+    assert "torchscript" in html and "eager" in html
+    assert res.to_results()["skipped"]["eager+channels_last"] == skipped.why
+
+
+def _scripted(table):
+    """A stand-in for measuring: (speedup, accuracy, size) per candidate key; counts the calls."""
+    calls = []
+
+    def run(cand, ctx, baseline_built, baseline_call, evaluator, base_res, x, quick):
+        calls.append(cand.key)
+        speedup, acc, size = table[cand.key]
+        return CandidateResult(
+            cand.key,
+            cand.to_dict(),
+            "ok",
+            speedup=speedup,
+            accuracy=acc,
+            size_bytes=size,
+            latency_ms=1.0 / speedup,
+            baseline_latency_ms=1.0,
+        )
+
+    return run, calls
+
+
+def test_budget_branches_and_resume(mlp, tmp_path, monkeypatch):
+    model, x = mlp
+    table = {
+        "eager": (1.0, 0.95, 100),
+        "onnxruntime": (2.0, 0.95, 100),
+        "int8-dynamic+eager": (9.0, 0.80, 30),  # fastest, over budget: never chosen
+        "prune0.25+distill+eager": (1.5, 0.948, 60),
+        "prune0.25+distill+onnxruntime": (3.0, 0.948, 60),
+        "prune0.5+distill+eager": (2.0, 0.90, 40),  # over budget: its branch and larger ratios stop
+        "prune0.5+distill+onnxruntime": (5.0, 0.90, 40),
+        "prune0.75+distill+eager": (4.0, 0.5, 20),
+    }
+    cands = [Candidate(), Candidate(runtime="onnxruntime"), Candidate(quant="int8-dynamic")]
+    for r in (0.25, 0.5, 0.75):
+        cands += [Candidate(prune=r)] + ([Candidate(prune=r, runtime="onnxruntime")] if r < 0.75 else [])
+    run, calls = _scripted(table)
+    monkeypatch.setattr(search_mod, "_run_candidate", run)
+    kwargs = dict(batch_size=16, candidates=cands, out_dir=tmp_path, export_chosen=False, report=False)
+    res = optimize(model, x, lambda f: 0.0, **kwargs)
+    assert res.chosen.key == "prune0.25+distill+onnxruntime"
+    by = {c.key: c for c in res.candidates}
+    assert by["int8-dynamic+eager"].within_budget is False
+    assert by["prune0.5+distill+onnxruntime"].status == "skipped"
+    assert "over the accuracy budget" in by["prune0.5+distill+onnxruntime"].why
+    largest = by["prune0.75+distill+eager"]
+    assert largest.status == "skipped" and "larger ratio" in largest.why
+    assert len(calls) == 6 and res.measured == 6
+    assert "int8-dynamic+eager" not in res.front or by["int8-dynamic+eager"].accuracy < 0.94
+
+    # resume: nothing is measured again, and the same choice comes out
+    run2, calls2 = _scripted(table)
+    monkeypatch.setattr(search_mod, "_run_candidate", run2)
+    again = optimize(model, x, lambda f: 0.0, **kwargs)
+    assert calls2 == [] and again.reused == 6 and again.measured == 0
+    assert again.chosen.key == res.chosen.key
+
+
+def test_interrupted_search_resumes_where_it_stopped(mlp, tmp_path, monkeypatch):
+    model, x = mlp
+    table = {"eager": (1.0, 0.9, 10), "onnxruntime": (2.0, 0.9, 10), "torchscript": (1.5, 0.9, 10)}
+    cands = [Candidate(), Candidate(runtime="onnxruntime"), Candidate(runtime="torchscript")]
+    run, calls = _scripted(table)
+
+    def dies_on_torchscript(cand, *args):
+        if cand.key == "torchscript":
+            raise KeyboardInterrupt
+        return run(cand, *args)
+
+    monkeypatch.setattr(search_mod, "_run_candidate", dies_on_torchscript)
+    kwargs = dict(batch_size=16, candidates=cands, out_dir=tmp_path, export_chosen=False, report=False)
+    with pytest.raises(KeyboardInterrupt):
+        optimize(model, x, lambda f: 0.0, **kwargs)
+    run2, calls2 = _scripted(table)
+    monkeypatch.setattr(search_mod, "_run_candidate", run2)
+    res = optimize(model, x, lambda f: 0.0, **kwargs)
+    assert calls2 == ["torchscript"] and res.reused == 2
+
+
+def test_time_budget_stops_new_candidates(mlp, tmp_path, monkeypatch):
+    model, x = mlp
+    run, calls = _scripted({"eager": (1.0, 0.9, 10), "onnxruntime": (2.0, 0.9, 10)})
+    monkeypatch.setattr(search_mod, "_run_candidate", run)
+    res = optimize(
+        model,
+        x,
+        lambda f: 0.0,
+        batch_size=16,
+        candidates=[Candidate(), Candidate(runtime="onnxruntime")],
+        out_dir=tmp_path,
+        export_chosen=False,
+        report=False,
+        time_budget_s=0.0,
+    )
+    assert calls == ["eager"]
+    assert res.stopped_early and "time budget" in res.stopped_early
+    assert res.chosen is None and "nothing beats" in res.message
