@@ -7,7 +7,13 @@ import pytest
 
 
 @pytest.mark.parametrize(
-    "name", ["torchkiln.optimize.pareto", "torchkiln.optimize.candidates", "torchkiln.optimize.search"]
+    "name",
+    [
+        "torchkiln.optimize.pareto",
+        "torchkiln.optimize.candidates",
+        "torchkiln.optimize.search",
+        "torchkiln.optimize.from_recipe",
+    ],
 )
 def test_docstring_examples(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

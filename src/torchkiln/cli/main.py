@@ -42,6 +42,7 @@ def _register() -> None:
     from torchkiln.cli import export as _export
     from torchkiln.cli import history as _history
     from torchkiln.cli import loadtest as _loadtest
+    from torchkiln.cli import optimize as _optimize
     from torchkiln.cli import profile as _profile
     from torchkiln.cli import prune as _prune
     from torchkiln.cli import quantize as _quantize
@@ -59,6 +60,7 @@ def _register() -> None:
     _quantize.register(app)
     _distill.register(app)
     _export.register(app)
+    _optimize.register(app)
 
 
 _register()

@@ -81,11 +81,13 @@ def accuracy_evaluator(inputs: torch.Tensor, labels: torch.Tensor, batch_size: i
     batches = _padded_batches(inputs, batch_size)
 
     def evaluate(run: Callable[[torch.Tensor], Any]) -> float:
-        correct = 0
+        correct = total = 0
         for (xb, n), start in zip(batches, range(0, len(inputs), batch_size), strict=True):
             pred = _logits(run(xb))[:n].float().argmax(-1)
-            correct += int((pred == labels[start : start + n]).sum())
-        return correct / len(inputs)
+            expected = labels[start : start + n]
+            correct += int((pred == expected).sum())  # per sample, or per position for sequences
+            total += expected.numel()
+        return correct / max(1, total)
 
     evaluate.__name__ = f"accuracy({len(inputs)} samples)"
     return evaluate

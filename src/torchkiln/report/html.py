@@ -422,7 +422,23 @@ def _variant_rows(runs: list[Run]) -> dict[str, Any] | None:
         chart_caption = "Bars right of the dashed line are faster than their run's baseline."
     else:
         chart, chart_title, chart_caption = None, None, None
+    skipped, notes = [], []
+    for run in bench_runs:  # optimize runs: candidates not measured (and why), the front and the choice
+        why = run.results.get("skipped")
+        if isinstance(why, dict):
+            skipped += [{"run": run.name, "name": str(k), "why": str(v)} for k, v in why.items()]
+        for key in ("message", "stopped_early"):
+            if isinstance(run.results.get(key), str):
+                notes.append(run.results[key])
+        front = run.results.get("front")
+        if isinstance(front, list) and front:
+            notes.append("Pareto front (speedup, accuracy, size): " + ", ".join(map(str, front)))
+        if isinstance(run.results.get("accuracy_budget"), (int, float)):
+            budget = 100 * run.results["accuracy_budget"]
+            notes.append(f"Accuracy budget: {budget:g} points below the baseline.")
     return {
+        "skipped": skipped,
+        "notes": notes,
         "rows": rows,
         "present": present,
         "multi_run": multi,

@@ -1,0 +1,66 @@
+"""``kiln optimize RECIPE`` end to end on a small MLP recipe (trained briefly first, no compile)."""
+
+import json
+
+from typer.testing import CliRunner
+
+import torchkiln as tk
+from torchkiln.cli.main import app
+from torchkiln.optimize.from_recipe import parse_budget, parse_duration
+from torchkiln.report.history import History
+
+RECIPE = """
+name = "mlp_opt"
+[model]
+name = "mlp"
+args = { hidden = [64] }
+[data]
+name = "digits"
+batch_size = 64
+[train]
+epochs = 2
+lr = 3e-3
+"""
+
+
+def test_kiln_optimize_recipe(tmp_path, monkeypatch):
+    recipe = tmp_path / "mlp.toml"
+    recipe.write_text(RECIPE)
+    out = tmp_path / "opt"
+    args = [
+        "optimize",
+        str(recipe),
+        "--no-compile",
+        "--prune",
+        "",
+        "--batch-size",
+        "16",
+        "--quick",
+        "-o",
+        str(out),
+    ]
+    res = CliRunner().invoke(app, args + ["--accuracy-budget", "2%"])
+    assert res.exit_code == 0, res.output
+    assert "eager" in res.output and "torchscript" in res.output and "report:" in res.output
+    assert (out / "report.html").is_file() and (out / "optimized.toml").is_file()
+    run = History().latest("optimize", "mlp_opt")
+    assert run is not None and run.results["accuracy_budget"] == 0.02
+    assert {v["name"] for v in run.results["variants"]} >= {"eager", "torchscript"}
+    # the artifact is servable and reproduces the trained model's predictions
+    artifact = run.results["artifact"]
+    predictor = tk.load_predictor(artifact)
+    ds = tk.create_dataset("digits", "val")
+    assert predictor(ds.x[:16]).shape == (16, 10)
+    cache = json.loads((out / "optimize-cache.json").read_text())
+    assert len(next(iter(cache.values()))) >= 3
+
+
+def test_parse_budget_and_duration_errors():
+    assert parse_budget("1%") == 0.01 and parse_duration("2m") == 120.0
+    for bad in ("one percent", "150%"):
+        try:
+            parse_budget(bad)
+        except tk.KilnError as exc:
+            assert "budget" in str(exc)
+        else:
+            raise AssertionError(bad)
