@@ -1,4 +1,5 @@
-"""``kiln demo --quick`` runs end to end and reports both variants of every built-in model."""
+"""``kiln demo --quick`` runs end to end: both training variants of every built-in model, then optimize
+for inference on the trained resnet-tiny, a serve + loadtest of the chosen artifact, and the report."""
 
 import json
 
@@ -24,3 +25,12 @@ def test_demo_quick(tmp_path):
             run = case[variant]
             assert run["steps"] > 0 and run["samples_per_s"] > 0 and "val_loss" in run["val"]
     assert summary["cases"][0]["optimized"]["val"]["val_accuracy"] > 0.8
+    story = summary["optimize"]
+    assert story["baseline"] == "eager" and len(story["variants"]) >= 3
+    assert story["chosen"] is None or story["chosen"] in {v["name"] for v in story["variants"]}
+    assert story["artifact"] and "report:" in res.output and "headline numbers" in res.output
+    assert (tmp_path / "report.html").is_file()
+    if "loadtest" in summary:
+        assert summary["loadtest"]["ok"] > 0 and not summary["loadtest"]["errors"]
+    else:
+        assert summary["serve_skipped"]

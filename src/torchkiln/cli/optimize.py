@@ -43,7 +43,7 @@ def candidate_table(rows: list[Any], budget: float, title: str = "kiln optimize"
             )
         else:
             color = "yellow" if r.status == "skipped" else "red"
-            why = r.why if len(r.why) <= 110 else r.why[:107] + "..."
+            why = r.why if len(r.why) <= 64 else r.why[:61] + "..."
             table.add_row(r.key, "-", "-", "-", "-", f"[{color}]{r.status}[/]: {escape(why)}")
     return table
 
@@ -131,6 +131,9 @@ def print_summary(console: Any, result: Any, what: str) -> None:
     if result.stopped_early:
         console.print(f"[yellow]stopped early[/]: {result.stopped_early}")
     console.print(("[bold green]" if result.chosen else "[bold yellow]") + result.message + "[/]")
+    long = [c for c in result.candidates if c.status != "ok" and len(c.why) > 64]
+    for c in long:
+        console.print(f"{c.status} {c.key}: {c.why}", highlight=False)
     for note in result.notes:
         console.print(f"note: {note}")
     if result.artifact:

@@ -170,6 +170,7 @@ class BuildContext:
     distill_epochs: int = 2
     distill_max_steps: int | None = None
     lr: float = 1e-3
+    measure_s: float | None = None
     pruned: dict[float, nn.Module] = field(default_factory=dict)
 
 

@@ -127,6 +127,8 @@ class CandidateResult:
     speedup: float | None = None
     speedup_q1: float | None = None
     speedup_q3: float | None = None
+    speedup_min: float | None = None
+    speedup_max: float | None = None
     latency_ms: float | None = None
     measured_latency_ms: float | None = None
     baseline_latency_ms: float | None = None
@@ -257,11 +259,16 @@ def _save_cache(path: Path, cache: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------- search
 
 
+#: seconds of interleaved timing per candidate (quick, full); ``optimize(measure_s=...)`` overrides.
+MEASURE_S = (1.0, 4.0)
+
+
 def _measure(
     built_run: Callable[[], Any],
     baseline_run: Callable[[], Any],
     *,
     quick: bool,
+    measure_s: float | None = None,
 ) -> Any:
     from torchkiln.measure.bench import interleaved_compare
 
@@ -271,7 +278,7 @@ def _measure(
         warmup=3,
         min_warmup_s=0.2 if quick else 0.5,
         min_rounds=6 if quick else 15,
-        max_time_s=1.0 if quick else 4.0,
+        max_time_s=measure_s if measure_s is not None else MEASURE_S[0 if quick else 1],
         target_iqr=0.05,
     )
 
@@ -294,6 +301,7 @@ def optimize(
     distill_epochs: int = 2,
     distill_max_steps: int | None = None,
     quick: bool = False,
+    measure_s: float | None = None,
     name: str = "model",
     on_result: Callable[[CandidateResult], None] | None = None,
     export_chosen: bool = True,
@@ -309,7 +317,8 @@ def optimize(
     a Dataset of ``(x, y)`` for static-int8 calibration and the pruning fine-tune. ``time_budget_s``: no
     new candidate starts once it is spent. ``history``: a :class:`~torchkiln.report.history.History`
     (records an ``optimize`` run). ``out_dir``: the cache, the chosen artifact, the recipe fragment and
-    the report (a temporary directory when None). The model is put in eval mode.
+    the report (a temporary directory when None). ``measure_s``: seconds of interleaved timing per
+    candidate (default 4, ``quick`` 1). The model is put in eval mode.
 
     >>> import torchkiln as tk
     >>> model = tk.create_model("mlp", hidden=(16,))
@@ -358,7 +367,7 @@ def optimize(
     else:
         todo.remove(base_c)
         todo.insert(0, base_c)
-    ctx = BuildContext(model, x, work, train_data, distill_epochs, distill_max_steps)
+    ctx = BuildContext(model, x, work, train_data, distill_epochs, distill_max_steps, measure_s=measure_s)
     baseline_built = build_candidate(base_c, ctx)
     baseline_call = baseline_built.bind(x)
     results: list[CandidateResult] = []
@@ -506,7 +515,7 @@ def _run_candidate(
         call()  # compile / first-call cost, outside the timed rounds
         first_s = time.perf_counter() - first
         accuracy = float(evaluator(built.run))
-        cmp = _measure(call, baseline_call, quick=quick)
+        cmp = _measure(call, baseline_call, quick=quick, measure_s=ctx.measure_s)
     except Exception as exc:  # noqa: BLE001
         return CandidateResult(key, cand.to_dict(), "failed", _short(exc), build_s=build_s)
     r = cmp.ratios["candidate"]
@@ -519,6 +528,8 @@ def _run_candidate(
         speedup=speedup,
         speedup_q1=r.q1,
         speedup_q3=r.q3,
+        speedup_min=min(r.speedups) if r.speedups else None,
+        speedup_max=max(r.speedups) if r.speedups else None,
         latency_ms=(base_res.baseline_latency_ms if base_res and base_res.baseline_latency_ms else base_ms)
         / speedup,
         measured_latency_ms=cmp.timings["candidate"].p50 * 1e3,
