@@ -143,3 +143,18 @@ def test_time_budget_stops_new_candidates(mlp, tmp_path, monkeypatch):
     assert calls == ["eager"]
     assert res.stopped_early and "time budget" in res.stopped_early
     assert res.chosen is None and "nothing beats" in res.message
+
+
+def test_report_headline_names_the_choice_not_the_fastest():
+    from torchkiln.report.history import Run
+    from torchkiln.report.html import headline
+
+    variants = [
+        {"name": "eager", "latency_ms": {"p50": 2.0}, "speedup_vs_baseline": 1.0, "accuracy": 0.9},
+        {"name": "fast", "latency_ms": {"p50": 1.0}, "speedup_vs_baseline": 2.0, "accuracy": 0.5},
+        {"name": "ok", "latency_ms": {"p50": 1.5}, "speedup_vs_baseline": 1.4, "accuracy": 0.9},
+    ]
+    chosen = headline(Run("x", "optimize", "m", "now", results={"chosen": "ok", "variants": variants}))
+    assert chosen["won"] and chosen["winner"] == "ok"
+    none = headline(Run("x", "optimize", "m", "now", results={"chosen": None, "variants": variants}))
+    assert not none["won"] and "Nothing was chosen" in none["text"]

@@ -209,6 +209,8 @@ def _analyse(run: Run) -> dict[str, Any] | None:
         names = [v.get("name") for v in variants]
         chosen = run.results.get("chosen")
         winner = names.index(chosen) if chosen in names else None
+        if winner is not None and speedups[winner] is not None:
+            best = (speedups[winner], winner)  # the headline names the choice, not the fastest
     return {"variants": variants, "baseline": bi, "speedups": speedups, "best": best, "winner": winner}
 
 
@@ -331,6 +333,11 @@ def headline(run: Run) -> dict[str, Any] | None:
             f"No variant beats {base_name}: the fastest other variant, {name}, is "
             f"{fmt_ratio(slower)} slower ({detail})"
         )
+        if "chosen" in run.results and speedup > 1.0:  # optimize: faster ones were over the budget
+            out["text"] = (
+                f"Nothing was chosen over {base_name}: the fastest other variant, {name} "
+                f"({fmt_ratio(speedup)} faster), is outside the accuracy budget or within the noise"
+            )
     if run.results.get("converged") is False:
         out["caveat"] = (
             "The benchmark hit its time limit before the spread fell under its target: "
