@@ -158,3 +158,29 @@ def test_report_headline_names_the_choice_not_the_fastest():
     assert chosen["won"] and chosen["winner"] == "ok"
     none = headline(Run("x", "optimize", "m", "now", results={"chosen": None, "variants": variants}))
     assert not none["won"] and "Nothing was chosen" in none["text"]
+
+
+@pytest.mark.skipif(
+    not __import__("torchkiln.measure.variants", fromlist=["x"]).cpu_bf16_supported(),
+    reason="needs native bf16 on this CPU",
+)
+def test_a_chosen_bf16_candidate_is_exported_with_autocast_inside(mlp, tmp_path, monkeypatch):
+    model, x = mlp
+    run, _ = _scripted({"eager": (1.0, 0.9, 10), "eager+bf16": (2.0, 0.9, 10)})
+    monkeypatch.setattr(search_mod, "_run_candidate", run)
+    res = optimize(
+        model,
+        x,
+        lambda f: 0.0,
+        batch_size=16,
+        candidates=[Candidate(), Candidate(precision="bf16")],
+        out_dir=tmp_path,
+        report=False,
+    )
+    assert res.chosen.key == "eager+bf16" and res.artifact_format == "export", res.notes
+    predictor = tk.load_predictor(res.artifact)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x[:16]).float()
+    got = predictor(x[:16])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=0.05, rtol=0.05)

@@ -186,6 +186,22 @@ class Built:
     notes: list[str] = field(default_factory=list)
 
 
+class Bf16Autocast(nn.Module):
+    """``module`` run under ``torch.autocast("cpu", bfloat16)``, outputs cast back to float32: how a bf16
+    candidate is exported, so the artifact carries the precision it was measured in."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any) -> Any:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = self.module(*args)
+        if isinstance(out, torch.Tensor):
+            return out.float()
+        return tuple(o.float() if isinstance(o, torch.Tensor) else o for o in out)
+
+
 def _plain(fn: Callable[[torch.Tensor], Any], ctx_fn: Callable[[], Any] | None = None) -> tuple[Any, Any]:
     def run(x: torch.Tensor) -> Any:
         with torch.inference_mode():

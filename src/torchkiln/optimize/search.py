@@ -584,25 +584,26 @@ def _write_chosen(result: OptimizeResult, ctx: BuildContext, out: Path, name: st
         module = built.module
         target = None
         if cand.quant is None:
-            plain = getattr(module, "_orig_mod", module)
-            formats = ("aoti", "torchscript") if cand.runtime == "compile" else ("torchscript", "export")
+            from torchkiln.optimize.candidates import Bf16Autocast
+
+            plain = getattr(module, "_orig_mod", module)  # FrozenCompiled -> the module it compiles
+            bf16 = cand.precision == "bf16"
+            options: dict[str, Any] = {"verbose": False}
+            if bf16:  # autocast inside the artifact; BatchNorm folding is checked at fp32 tolerance
+                plain = Bf16Autocast(plain)
+                options.update(fuse=False, atol=0.1, rtol=0.05)
+            if cand.runtime == "compile":
+                formats: tuple[str, ...] = ("aoti", "export")
+            else:
+                formats = ("export",) if bf16 else ("torchscript", "export")
             for f in formats:
                 try:
-                    r = export.export(
-                        plain,
-                        ctx.example,
-                        dest / ("model.pt2" if f in ("aoti", "export") else "model.pt"),
-                        format=f,
-                        verbose=False,
-                    )
+                    name = "model.pt2" if f in ("aoti", "export") else "model.pt"
+                    r = export.export(plain, ctx.example, dest / name, format=f, **options)
                     target, fmt = Path(r.path), f
                     break
                 except Exception as exc:  # noqa: BLE001 - try the next format, say why
                     notes.append(f"{f} export of {cand.key} failed: {_short(exc)}")
-            if cand.precision == "bf16":
-                notes.append(
-                    "the saved artifact runs in fp32: bf16 autocast is a run-time setting, not in the file"
-                )
         if target is None:
             target = dest / src.name
             shutil.copy2(src, target)
