@@ -74,8 +74,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 off = (i * 7919 * 64) % span
                 yield {"image": pool[off : off + SAMPLE_BYTES].reshape(SHAPE), "label": i % 1000}
 
-        log(f"[{BENCH}] writing {n} samples x {SAMPLE_BYTES / 1e3:.0f} KB = {n * SAMPLE_BYTES / 1e9:.2f} GB "
-            f"into {tmp} ({free / 1e9:.0f} GB free) ...")
+        log(
+            f"[{BENCH}] writing {n} samples x {SAMPLE_BYTES / 1e3:.0f} KB = {n * SAMPLE_BYTES / 1e9:.2f} GB "
+            f"into {tmp} ({free / 1e9:.0f} GB free) ..."
+        )
         t0 = time.perf_counter()
         write_indexed_dataset(
             tmp / "images", samples(), {"image": ("uint8", SHAPE), "label": "int64"}, checksums=False
@@ -114,11 +116,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             secs = time.perf_counter() - t0
             assert seen == len(ds), (seen, len(ds))
             results[name] = {
-                "byte_sum": total, "label_sum": labels, "s": secs, "gb_per_s": data_bytes / secs / 1e9
+                "byte_sum": total,
+                "label_sum": labels,
+                "s": secs,
+                "gb_per_s": data_bytes / secs / 1e9,
             }
-            log(f"[{BENCH}] {name}: {secs:.1f} s ({data_bytes / secs / 1e9:.2f} GB/s), "
+            log(
+                f"[{BENCH}] {name}: {secs:.1f} s ({data_bytes / secs / 1e9:.2f} GB/s), "
                 f"RssAnon peak +{(peak_anon - base['RssAnon']) / 1024:.1f} MB, "
-                f"RssFile peak +{(peak_file - base['RssFile']) / 1024:.1f} MB")
+                f"RssFile peak +{(peak_file - base['RssFile']) / 1024:.1f} MB"
+            )
         end = _status_kb()
         same = (
             results["sequential"]["byte_sum"] == results["random"]["byte_sum"]
@@ -150,10 +157,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             unit="MB",
             note="peak RssFile minus before (resident pages of the mapped data file; reclaimable)",
         ),
-        figure("seq_gb_per_s", results["sequential"]["gb_per_s"], None, rounds=1, unit="GB/s",
-               note="sequential pass, warm-ish page cache, fetch + collate + sum"),
-        figure("random_gb_per_s", results["random"]["gb_per_s"], None, rounds=1, unit="GB/s",
-               note="shuffled pass"),
+        figure(
+            "seq_gb_per_s",
+            results["sequential"]["gb_per_s"],
+            None,
+            rounds=1,
+            unit="GB/s",
+            note="sequential pass, warm-ish page cache, fetch + collate + sum",
+        ),
+        figure(
+            "random_gb_per_s",
+            results["random"]["gb_per_s"],
+            None,
+            rounds=1,
+            unit="GB/s",
+            note="shuffled pass",
+        ),
     ]
     return record(
         BENCH,
