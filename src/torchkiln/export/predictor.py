@@ -298,6 +298,10 @@ def load_predictor(
         raise ExportError(f"no artifact at {path}")
     meta = read_sidecar(path)
     fmt = meta["format"] if meta else detect_format(path)
+    if not meta and fmt == "export":
+        quantized = _quantized_sidecar(path)
+        if quantized is not None:
+            return _quantized_predictor(path, quantized, threads)
     if fmt == "eager":
         return _eager_predictor(path, model, model_args, threads)
     runner = _runner(fmt, path)
@@ -307,6 +311,39 @@ def load_predictor(
     else:
         specs, outputs = _specs_without_sidecar(fmt, path)
     return Predictor(fmt, path, runner, specs, outputs, meta, threads=threads)
+
+
+def _quantized_sidecar(path: Path) -> dict[str, Any] | None:
+    """The ``<artifact>.json`` that ``tk.save_quantized`` writes beside a static int8 ``.pt2``, if any."""
+    import json
+
+    side = Path(str(path) + ".json")
+    if not side.is_file():
+        return None
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("format") == "torchkiln-quantized" and meta.get("technique") == "quantize/int8-static":
+        return meta
+    return None
+
+
+def _quantized_predictor(path: Path, meta: dict[str, Any], threads: int | None) -> Predictor:
+    """A static int8 artifact (``tk.save_quantized``): the converted graph lowered to oneDNN int8 kernels
+    again (``tk.load_quantized``), its inputs read from the program's stored example inputs."""
+    from torchkiln.compress.quantize import load_quantized
+
+    runner = load_quantized(path)
+    program = torch.export.load(str(path))
+    args, _ = program.example_inputs
+    names = list(program.graph_signature.user_inputs)[: len(args)]
+    specs = [TensorSpec.of(n, t, dynamic_batch=True) for n, t in zip(names, args, strict=True)]
+    with torch.inference_mode():
+        out = runner(*args)
+    count = len(out) if isinstance(out, (tuple, list)) else 1
+    outputs = ["output"] if count == 1 else [f"output{i}" for i in range(count)]
+    return Predictor("int8-static", path, runner, specs, outputs, meta, threads=threads)
 
 
 def _eager_predictor(

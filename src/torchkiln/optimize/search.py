@@ -611,7 +611,9 @@ def _write_chosen(result: OptimizeResult, ctx: BuildContext, out: Path, name: st
             if side.is_file():
                 shutil.copy2(side, dest / (target.name + ".json"))
             fmt = "quantized" if cand.quant else "state_dict"
-            if cand.quant:
+            if cand.quant == "int8-static" and target.suffix == ".pt2":
+                fmt = "int8-static"  # tk.load_predictor / kiln serve lower it to oneDNN int8 again
+            elif cand.quant:
                 notes.append(
                     f"{target.name} is a torchkiln quantized artifact: load it with tk.load_quantized"
                 )
