@@ -17,58 +17,16 @@ import argparse
 import tempfile
 from typing import Any
 
-from benchmarks._common import figure, log, record, run_benchmark, use_private_inductor_cache
+from benchmarks._common import log, run_benchmark, use_private_inductor_cache
+from benchmarks._optimize import candidate_logger, chosen_figures, optimize_record
 
 BENCH = "optimize_resnet"
 THREADS = (1,)
 SPEEDUP_TARGET = ">= 4"
-DROP_TARGET = "<= 1.0"
 
 
 def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
-
-
-def chosen_figures(result: Any, what: str) -> list[dict[str, Any]]:
-    """speedup / acc_drop_pt / size_ratio of an OptimizeResult's choice (the baseline when none won)."""
-    c, b = result.chosen or result.baseline, result.baseline
-    spread = {
-        "min": c.speedup_min,
-        "q1": c.speedup_q1,
-        "median": c.speedup,
-        "q3": c.speedup_q3,
-        "max": c.speedup_max,
-        "n": c.rounds,
-    }
-    return [
-        figure(
-            "speedup",
-            c.speedup,
-            SPEEDUP_TARGET,
-            spread=spread,
-            rounds=c.rounds,
-            note=f"{c.key} vs fp32 eager, batch {result.batch_size}, interleaved "
-            f"({c.measured_latency_ms or 0:.2f} ms vs {c.baseline_latency_ms or 0:.2f} ms)",
-        ),
-        figure(
-            "acc_drop_pt",
-            100 * ((b.accuracy or 0) - (c.accuracy or 0)),
-            DROP_TARGET,
-            unit="pt",
-            note=f"{what}: fp32 {100 * (b.accuracy or 0):.2f}%, {c.key} {100 * (c.accuracy or 0):.2f}%",
-        ),
-        figure(
-            "size_ratio",
-            (c.size_bytes or 0) / b.size_bytes if b.size_bytes else None,
-            note=f"{c.key} artifact {c.size_bytes} B / fp32 state_dict {b.size_bytes} B",
-        ),
-        figure(
-            "candidates",
-            float(sum(r.status == "ok" for r in result.candidates)),
-            note="measured; skipped: "
-            + "; ".join(f"{r.key} ({r.why[:80]})" for r in result.candidates if r.status != "ok"),
-        ),
-    ]
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -97,29 +55,19 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             out_dir=tmp,
             export_chosen=False,
             report=False,
-            on_result=lambda r: log(
-                f"[{BENCH}]   {r.key}: {r.status} "
-                + (
-                    f"{r.speedup:.2f}x acc {100 * (r.accuracy or 0):.2f}%"
-                    if r.status == "ok"
-                    else r.why[:120]
-                )
+            on_result=candidate_logger(
+                BENCH, lambda r: f"{r.speedup:.2f}x acc {100 * (r.accuracy or 0):.2f}%"
             ),
         )
-    figures = chosen_figures(result, f"digits val ({len(x)} samples)")
-    sp, drop = figures[0]["value"], figures[1]["value"]
-    return record(
+    figures = chosen_figures(result, f"digits val ({len(x)} samples)", SPEEDUP_TARGET)
+    met = "met" if figures[0]["met"] and figures[1]["met"] else "missed"
+    return optimize_record(
         BENCH,
+        result,
         figures,
-        note=f"{result.message}; target {SPEEDUP_TARGET} {'met' if sp >= 4 and drop <= 1 else 'missed'}",
+        f"{result.message}; target {SPEEDUP_TARGET} {met}",
         batch_size=bs,
         trained=trained,
-        chosen=result.chosen.key if result.chosen else None,
-        front=result.front,
-        table={
-            r.key: {"status": r.status, "speedup": r.speedup, "accuracy": r.accuracy}
-            for r in result.candidates
-        },
     )
 
 

@@ -20,8 +20,8 @@ import argparse
 import tempfile
 from typing import Any
 
-from benchmarks._common import log, record, run_benchmark, use_private_inductor_cache
-from benchmarks.optimize_resnet import chosen_figures
+from benchmarks._common import log, run_benchmark, use_private_inductor_cache
+from benchmarks._optimize import candidate_logger, chosen_figures, optimize_record
 
 BENCH = "optimize_transformer"
 THREADS = (1,)
@@ -126,29 +126,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             out_dir=tmp,
             export_chosen=False,
             report=False,
-            on_result=lambda r: log(
-                f"[{BENCH}]   {r.key}: {r.status} "
-                + (f"{r.speedup:.2f}x agreement {r.accuracy:.4f}" if r.status == "ok" else r.why[:120])
-            ),
+            on_result=candidate_logger(BENCH, lambda r: f"{r.speedup:.2f}x agreement {r.accuracy:.4f}"),
         )
-    figures = chosen_figures(result, f"nearest-neighbour agreement with fp32 on {len(ids)} sequences")
-    figures[0]["target"] = SPEEDUP_TARGET
-    from benchmarks._common import meets
-
-    figures[0]["met"] = meets(figures[0]["value"], SPEEDUP_TARGET)
-    return record(
-        BENCH,
-        figures,
-        note=result.message,
-        batch_size=bs,
-        seq_len=seq,
-        chosen=result.chosen.key if result.chosen else None,
-        front=result.front,
-        table={
-            r.key: {"status": r.status, "speedup": r.speedup, "accuracy": r.accuracy}
-            for r in result.candidates
-        },
-    )
+    what = f"nearest-neighbour agreement with fp32 on {len(ids)} sequences"
+    figures = chosen_figures(result, what, SPEEDUP_TARGET)
+    return optimize_record(BENCH, result, figures, result.message, batch_size=bs, seq_len=seq)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
