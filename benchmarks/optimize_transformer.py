@@ -20,6 +20,7 @@ import argparse
 import tempfile
 from typing import Any
 
+from benchmarks._bert import bert_encoder
 from benchmarks._common import log, run_benchmark, use_private_inductor_cache
 from benchmarks._optimize import candidate_logger, chosen_figures, optimize_record
 
@@ -31,33 +32,6 @@ SPEEDUP_TARGET = ">= 3.5"
 def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=64)
-
-
-def _encoder(layers: int, hidden: int, seq_len: int) -> Any:
-    import torch
-    from torch import nn
-    from transformers import BertConfig, BertModel
-
-    class Encoder(nn.Module):
-        """BertModel -> mean-pooled last_hidden_state: one embedding per sequence."""
-
-        def __init__(self, bert: nn.Module) -> None:
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-            return self.bert(input_ids=input_ids).last_hidden_state.mean(dim=1)
-
-    config = BertConfig(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        intermediate_size=4 * hidden,
-        vocab_size=8000,
-        max_position_embeddings=max(512, seq_len),
-    )
-    torch.manual_seed(0)
-    return Encoder(BertModel(config).eval()).eval()
 
 
 def _clustered_ids(n_clusters: int, per_cluster: int, seq_len: int) -> Any:
@@ -104,7 +78,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from torchkiln.optimize import generate_candidates, optimize
 
     bs, seq = args.batch_size, args.seq_len
-    model = _encoder(4, 512, seq)
+    model = bert_encoder(4, 512, seq, mean_pool=True)
     ids = _clustered_ids(16 if args.quick else 32, 8, seq)
     evaluator = nn_agreement_evaluator(model, ids, bs)
     with tempfile.TemporaryDirectory(prefix="kiln-bench-opt-") as tmp:

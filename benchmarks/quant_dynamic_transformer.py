@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from benchmarks._bert import bert_encoder
 from benchmarks._common import figure, log, record, run_benchmark, spread_of, use_private_inductor_cache
 
 BENCH = "quant_dynamic_transformer"
@@ -60,33 +61,6 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="also torchao compiled with max-autotune (default: on, off with --quick; +2 min of compile)",
     )
-
-
-def _encoder(layers: int, hidden: int, seq_len: int) -> Any:
-    import torch
-    from torch import nn
-    from transformers import BertConfig, BertModel
-
-    class Encoder(nn.Module):
-        """BertModel -> last_hidden_state (one tensor out, so every runtime returns the same thing)."""
-
-        def __init__(self, bert: nn.Module) -> None:
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-            return self.bert(input_ids=input_ids).last_hidden_state
-
-    config = BertConfig(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        intermediate_size=4 * hidden,
-        vocab_size=8000,
-        max_position_embeddings=max(512, seq_len),
-    )
-    torch.manual_seed(0)
-    return Encoder(BertModel(config).eval()).eval()
 
 
 def _interleave(
@@ -130,7 +104,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     layers = args.layers or (2 if args.quick else 6)
     seq = args.seq_len
     hidden = args.hidden or (384 if args.quick else 768)
-    model = _encoder(layers, hidden, seq)
+    model = bert_encoder(layers, hidden, seq)
     info = inject_activation_outliers(model)
     probe = torch.randint(0, 8000, (2, seq))
     ratios = activation_outlier_ratio(model, (probe,), info["ffn_out_layers"])
