@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
         import torch
         from rich.console import Console
 
-        from torchkiln.cli.prune import _accuracy_fn, compress_results, record_compress, resolve_model
+        from torchkiln.cli.prune import _accuracy_fn, record_compress, resolve_model
         from torchkiln.compress.compare import compare_models
         from torchkiln.compress.distill import Distill, distill
         from torchkiln.compress.prune import load_pruned, read_pruned_metadata, save_pruned
@@ -148,7 +148,7 @@ def register(app: typer.Typer) -> None:
         if record:
             run_id = record_compress(
                 resolved.name,
-                compress_results(report, {"train": result.summary()}),
+                report.history_results({"train": result.summary()}),
                 {
                     "recipe": str(recipe),
                     "set": list(set_),

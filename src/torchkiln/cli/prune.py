@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-__all__ = ["ResolvedModel", "compress_results", "record_compress", "register", "resolve_model"]
+__all__ = ["ResolvedModel", "record_compress", "register", "resolve_model"]
 
 
 @dataclass
@@ -28,18 +28,13 @@ class ResolvedModel:
 
 
 def _load_state(model: Any, path: Path) -> None:
+    """``--weights``: a state_dict file or a training checkpoint (its model part)."""
     from torchkiln.errors import KilnError
-    from torchkiln.train import checkpoint as ckpt_io
+    from torchkiln.export.models import load_weights
 
     if not path.is_file():
         raise KilnError(f"--weights {path}: no such file")
-    state = ckpt_io.load_checkpoint(path)
-    if isinstance(state, dict) and "model" in state and "format_version" in state:
-        state = state["model"]  # a training checkpoint (step-*.pt): its model part
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise KilnError(f"--weights {path} does not fit the model: {str(exc)[:400]}") from None
+    load_weights(model, path)
 
 
 def resolve_model(
@@ -108,26 +103,6 @@ def resolve_model(
         input_fn=example if callable(example) else None,
         source={"zoo": target, "weights": str(weights) if weights else None},
     )
-
-
-def compress_results(report: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """History results of a compression step: bench-shaped ``variants`` (before, after) plus the report."""
-    d = report.to_dict()
-    variants = []
-    for label in ("before", "after"):
-        s = d[label]
-        variants.append(
-            {
-                "name": label,
-                "latency_ms": {"p50": s.get("latency_ms"), "iqr": s.get("latency_iqr_ms")},
-                "size_bytes": s.get("artifact_bytes"),
-                "accuracy": s.get("accuracy"),
-                "params": s.get("params"),
-                "flops": s.get("flops"),
-                "speedup_vs_baseline": 1.0 if label == "before" else report.speedup,
-            }
-        )
-    return {"variants": variants, "baseline": "before", "report": d, **(extra or {})}
 
 
 def record_compress(
@@ -309,6 +284,6 @@ def register(app: typer.Typer) -> None:
                 "mode": mode,
             }
             run_id = record_compress(
-                resolved.name, compress_results(report), config_dict, {"pruned": str(out_path)}
+                resolved.name, report.history_results(), config_dict, {"pruned": str(out_path)}
             )
             console.print(f"recorded run [bold]{run_id}[/] (kiln history)", highlight=False)

@@ -118,22 +118,6 @@ def _accuracy_fn(val_data: Any, batch_size: int) -> Any:
     return accuracy
 
 
-def _results(report: Any, extra: dict[str, Any]) -> dict[str, Any]:
-    d = report.to_dict()
-    variants = [
-        {
-            "name": label,
-            "latency_ms": {"p50": d[label].get("latency_ms"), "iqr": d[label].get("latency_iqr_ms")},
-            "size_bytes": d[label].get("artifact_bytes"),
-            "accuracy": d[label].get("accuracy"),
-            "params": d[label].get("params"),
-            "speedup_vs_baseline": 1.0 if label == "before" else report.speedup,
-        }
-        for label in ("before", "after")
-    ]
-    return {"variants": variants, "baseline": "before", "report": d, **extra}
-
-
 def _config(method: str, **o: Any) -> Any:
     from torchkiln.compress.quantize import Int4WeightOnly, Int8Dynamic, Int8QAT, Int8Static, Int8WeightOnly
 
@@ -391,7 +375,7 @@ def register(app: typer.Typer) -> None:
             run_id = History().record(
                 "compress",
                 resolved.name,
-                _results(report, extra),
+                report.history_results(extra),
                 config=cfg,
                 artifacts={"quantized": str(out_path)},
             )

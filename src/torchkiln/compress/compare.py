@@ -211,6 +211,24 @@ class CompressionReport:
         )
         return d
 
+    def history_results(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Results of a ``compress`` history run: bench-shaped ``variants`` (before, after), so the report
+        and ``kiln history compare`` read them like a benchmark, plus this whole report and ``extra``."""
+        d = self.to_dict()
+        variants = [
+            {
+                "name": label,
+                "latency_ms": {"p50": d[label].get("latency_ms"), "iqr": d[label].get("latency_iqr_ms")},
+                "size_bytes": d[label].get("artifact_bytes"),
+                "accuracy": d[label].get("accuracy"),
+                "params": d[label].get("params"),
+                "flops": d[label].get("flops"),
+                "speedup_vs_baseline": 1.0 if label == "before" else self.speedup,
+            }
+            for label in ("before", "after")
+        ]
+        return {"variants": variants, "baseline": "before", "report": d, **(extra or {})}
+
     def rows(self) -> list[tuple[str, str, str, str]]:
         """``(figure, before, after, change)`` rows, already formatted."""
         b, a = self.before, self.after
