@@ -67,3 +67,13 @@ def test_sequence_outputs_are_unpadded_pooled_ones_are_not() -> None:
     assert out[0]["tokens"].shape == (2, 1) and out[1]["tokens"].shape == (4, 1)
     assert out[0]["pooled"].tolist() == [3.0] and out[1]["pooled"].tolist() == [18.0]
     assert [s.name for s in served.client_inputs] == ["ids"]
+
+
+def test_a_missing_artifact_path_is_named_as_missing() -> None:
+    from torchkiln.errors import KilnError
+    from torchkiln.serve.model import load_served_model
+
+    with pytest.raises(KilnError, match="nothere.onnx: no such file"):
+        load_served_model("nothere.onnx")
+    with pytest.raises(KilnError, match="no such file"):
+        load_served_model("runs/absent/model.pt")

@@ -410,6 +410,9 @@ def _export_api() -> Any:
     return export
 
 
+_ARTIFACT_SUFFIXES = (".onnx", ".pt", ".pt2", ".pth", ".toml", ".json")
+
+
 def load_served_model(
     target: str,
     *,
@@ -472,6 +475,11 @@ def load_served_model(
                 state = state["model"]  # a full training checkpoint
             load_model_state(module, state, path)
             label = model
+    elif path.suffix in _ARTIFACT_SUFFIXES or "/" in target:
+        raise KilnError(
+            f"{target}: no such file or directory (expected an exported artifact, a recipe, a run "
+            "directory or its model.pt; or a zoo model name)"
+        )
     else:
         module = create_model(target, **args)
     module.eval()
