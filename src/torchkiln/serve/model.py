@@ -475,7 +475,7 @@ def load_served_model(
                 state = state["model"]  # a full training checkpoint
             load_model_state(module, state, path)
             label = model
-    elif path.suffix in _ARTIFACT_SUFFIXES or "/" in target:
+    elif not is_reference(target) and (path.suffix in _ARTIFACT_SUFFIXES or "/" in target):
         raise KilnError(
             f"{target}: no such file or directory (expected an exported artifact, a recipe, a run "
             "directory or its model.pt; or a zoo model name)"
