@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import shutil
 import tempfile
 import time
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchkiln.optimize.artifact import short_error as _short
+from torchkiln.optimize.artifact import write_chosen as _write_chosen
 from torchkiln.optimize.candidates import (
     BuildContext,
     Candidate,
@@ -540,116 +539,3 @@ def _run_candidate(
         build_s=build_s,
         first_call_s=first_s,
     )
-
-
-def _short(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
-    where = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
-    loc = f" (at {Path(where[0].filename).name}:{where[0].lineno})" if where else ""
-    return (text[0] if text else type(exc).__name__)[:300] + loc
-
-
-# ---------------------------------------------------------------------------------------------- output
-
-
-def _write_chosen(result: OptimizeResult, ctx: BuildContext, out: Path, name: str) -> None:
-    """Save the chosen candidate (the baseline when nothing won) where ``kiln serve`` can load it, and the
-    recipe fragment that reproduces it."""
-    import torchkiln.export as export
-
-    chosen = result.chosen or result.baseline
-    cand = Candidate(**chosen.candidate)
-    dest = out / "chosen"
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    notes = result.notes
-    try:
-        built = build_candidate(cand, ctx)
-    except Exception as exc:  # noqa: BLE001
-        notes.append(f"could not rebuild {cand.key} to save it: {_short(exc)}")
-        return
-    src = built.artifact
-    fmt: str | None = None
-    if cand.runtime in ("torchscript", "onnxruntime") or src.suffix == ".onnx":
-        target = dest / src.name
-        shutil.copy2(src, target)
-        for side in (Path(str(src) + ".kiln.json"), Path(str(src) + ".json")):
-            if side.is_file():
-                shutil.copy2(side, dest / side.name.replace(src.name, target.name))
-        fmt = "onnx" if src.suffix == ".onnx" else "torchscript"
-    else:
-        # eager / compiled torch: an AOTInductor package for compiled candidates, TorchScript otherwise;
-        # quantized torch models keep their quantized artifact (load with tk.load_quantized).
-        module = built.module
-        target = None
-        if cand.quant is None:
-            from torchkiln.optimize.candidates import Bf16Autocast
-
-            plain = getattr(module, "_orig_mod", module)  # FrozenCompiled -> the module it compiles
-            bf16 = cand.precision == "bf16"
-            options: dict[str, Any] = {"verbose": False}
-            if bf16:  # autocast inside the artifact; BatchNorm folding is checked at fp32 tolerance
-                plain = Bf16Autocast(plain)
-                options.update(fuse=False, atol=0.1, rtol=0.05)
-            if cand.runtime == "compile":
-                formats: tuple[str, ...] = ("aoti", "export")
-            else:
-                formats = ("export",) if bf16 else ("torchscript", "export")
-            for f in formats:
-                try:
-                    name = "model.pt2" if f in ("aoti", "export") else "model.pt"
-                    r = export.export(plain, ctx.example, dest / name, format=f, **options)
-                    target, fmt = Path(r.path), f
-                    break
-                except Exception as exc:  # noqa: BLE001 - try the next format, say why
-                    notes.append(f"{f} export of {cand.key} failed: {_short(exc)}")
-        if target is None:
-            target = dest / src.name
-            shutil.copy2(src, target)
-            side = Path(str(src) + ".json")
-            if side.is_file():
-                shutil.copy2(side, dest / (target.name + ".json"))
-            fmt = "quantized" if cand.quant else "state_dict"
-            if cand.quant == "int8-static" and target.suffix == ".pt2":
-                fmt = "int8-static"  # tk.load_predictor / kiln serve lower it to oneDNN int8 again
-            elif cand.quant:
-                notes.append(
-                    f"{target.name} is a torchkiln quantized artifact: load it with tk.load_quantized"
-                )
-    result.artifact, result.artifact_format = target, fmt
-    fragment = {
-        "optimize": {
-            "chosen": cand.key,
-            "objective": result.objective,
-            "accuracy_budget": result.accuracy_budget,
-            "batch_size": result.batch_size,
-            "threads": result.threads,
-            "candidate": cand.to_dict(),
-            "artifact": str(target),
-            "format": fmt,
-        }
-    }
-    path = out / "optimized.toml"
-    path.write_text(_toml(fragment))
-    result.recipe_fragment = path
-
-
-def _toml(data: Mapping[str, Any], prefix: str = "") -> str:
-    lines: list[str] = []
-    tables: list[tuple[str, Mapping[str, Any]]] = []
-    for k, v in data.items():
-        if isinstance(v, Mapping):
-            tables.append((f"{prefix}{k}", v))
-        elif v is None:
-            continue
-        elif isinstance(v, bool):
-            lines.append(f"{k} = {'true' if v else 'false'}")
-        elif isinstance(v, (int, float)) and not (isinstance(v, float) and not math.isfinite(v)):
-            lines.append(f"{k} = {v}")
-        else:
-            lines.append(f"{k} = {json.dumps(str(v))}")
-    text = "\n".join(lines) + ("\n" if lines else "")
-    for name, table in tables:
-        text += f"\n[{name}]\n" + _toml(table, f"{name}.")
-    return text
