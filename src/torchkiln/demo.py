@@ -146,10 +146,11 @@ def _train(case: _Case, optimized: bool, out_dir: Path, bf16: bool) -> dict[str,
 
 def run_demo(quick: bool = False, out_dir: str | Path = "runs/demo") -> dict[str, Any]:
     """Run every case baseline vs optimized; print the table; return (and save) the figures."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from torchkiln.cli import make_console
+
+    console = make_console()
     out = Path(out_dir)
     bf16 = _bf16_ok()
     threads = torch.get_num_threads()
@@ -228,7 +229,7 @@ def _inference_story(
     console: Any, model: torch.nn.Module, train: Any, val: Any, out: Path, quick: bool
 ) -> dict[str, Any]:
     """optimize the trained resnet-tiny for inference, serve the chosen artifact, load-test it, report."""
-    from torchkiln.cli.optimize import candidate_table, print_summary
+    from torchkiln.cli.optimize import candidate_line, candidate_table, print_summary
     from torchkiln.optimize import accuracy_evaluator, optimize
     from torchkiln.report.history import History
     from torchkiln.report.html import render_report
@@ -238,14 +239,13 @@ def _inference_story(
     history = History()
     opt_dir = out / "optimize"
     if opt_dir.exists():
-        shutil.rmtree(opt_dir)  # measured afresh every demo (the cache is for interrupted searches)
+        shutil.rmtree(opt_dir)
     rows: list[Any] = []
     evaluator = accuracy_evaluator(val.x, val.y, 32)
 
     def on_result(r: Any) -> None:
         rows.append(r)
-        status = r.status if r.status != "ok" else f"{r.speedup:.2f}x, acc {100 * (r.accuracy or 0):.2f}%"
-        console.print(f"  {r.key}: {status}" + (f" -- {r.why[:140]}" if r.why else ""))
+        console.print("  " + candidate_line(r, rows, 0.01), highlight=False)
 
     result = optimize(
         model,
@@ -263,6 +263,7 @@ def _inference_story(
         name="resnet-tiny-digits",
         on_result=on_result,
         report=False,
+        fresh=True,  # measured afresh every demo (the cache is for interrupted searches)
     )
     console.print(candidate_table(rows, 0.01, title="optimize: candidates against fp32 eager"))
     print_summary(console, result, f"accuracy on {len(val)} digits validation samples")

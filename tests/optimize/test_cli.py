@@ -1,7 +1,5 @@
 """``kiln optimize RECIPE`` end to end on a small MLP recipe (trained briefly first, no compile)."""
 
-import json
-
 from typer.testing import CliRunner
 
 import torchkiln as tk
@@ -51,8 +49,16 @@ def test_kiln_optimize_recipe(tmp_path, monkeypatch):
     predictor = tk.load_predictor(artifact)
     ds = tk.create_dataset("digits", "val")
     assert predictor(ds.x[:16]).shape == (16, 10)
-    cache = json.loads((out / "optimize-cache.json").read_text())
-    assert len(next(iter(cache.values()))) >= 3
+    # without a terminal each candidate is a line as it finishes (then the table)
+    assert "[1] eager: speedup 1.00x" in res.output and "memory" in res.output
+    # finished candidates are cached in the history database; a second run measures nothing again
+    cached = History().cache_get(f"optimize:{run.results['model_hash']}")
+    assert len(cached) >= 3 and not (out / "optimize-cache.json").exists()
+    again = CliRunner().invoke(
+        app, args + ["--accuracy-budget", "2%", "--weights", str(out / "train" / "model.pt")]
+    )
+    assert again.exit_code == 0, again.output
+    assert "(cached)" in again.output
 
 
 def test_parse_budget_and_duration_errors():

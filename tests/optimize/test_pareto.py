@@ -49,7 +49,67 @@ def test_nothing_beats_the_baseline_returns_none():
 
 
 def test_bad_arguments_say_what_is_accepted():
-    with pytest.raises(OptimizeError, match="accepted: latency, throughput, size"):
+    with pytest.raises(OptimizeError, match="accepted: latency, throughput, size, memory"):
         choose(POINTS, baseline_accuracy=0.9, accuracy_budget=0.01, objective="speed")
     with pytest.raises(OptimizeError, match="accuracy_budget"):
         choose(POINTS, baseline_accuracy=0.9, accuracy_budget=-1)
+
+
+def _q(key, speedup, gain, memory, accuracy=0.95, size=100):
+    return {
+        "key": key,
+        "speedup": speedup,
+        "throughput_gain": gain,
+        "memory_bytes": memory,
+        "accuracy": accuracy,
+        "size_bytes": size,
+    }
+
+
+# "steady" has the best median call but stalls now and then; "even" is a little slower per median call
+# and sustains more; "lean" holds the least memory; "leaner-slow" less still but is clearly slower.
+RANKED = [
+    _q("eager", 1.0, 1.0, 1000),
+    _q("steady", 3.0, 2.0, 900),
+    _q("even", 2.6, 2.5, 800),
+    _q("lean", 1.5, 1.5, 300),
+    _q("leaner-slow", 0.5, 0.5, 100),
+]
+
+
+def test_latency_and_throughput_rank_on_different_figures():
+    kw = {"baseline_accuracy": 0.95, "accuracy_budget": 0.01, "baseline_key": "eager"}
+    assert choose(RANKED, objective="latency", **kw)["key"] == "steady"
+    assert choose(RANKED, objective="throughput", **kw)["key"] == "even"
+
+
+def test_throughput_falls_back_to_speedup_for_points_without_a_gain():
+    pts = [_p("eager", 1.0, 0.95), _p("fast", 2.0, 0.95)]
+    assert (
+        choose(
+            pts, baseline_accuracy=0.95, accuracy_budget=0.01, objective="throughput", baseline_key="eager"
+        )["key"]
+        == "fast"
+    )
+
+
+def test_memory_objective_picks_the_leanest_that_is_not_clearly_slower():
+    chosen = choose(
+        RANKED, baseline_accuracy=0.95, accuracy_budget=0.01, objective="memory", baseline_key="eager"
+    )
+    assert chosen["key"] == "lean"
+
+
+def test_memory_needs_a_real_saving_over_the_baseline():
+    pts = [_q("eager", 1.0, 1.0, 1000), _q("same", 2.0, 2.0, 990)]  # 1% less is measurement noise
+    assert (
+        choose(pts, baseline_accuracy=0.95, accuracy_budget=0.01, objective="memory", baseline_key="eager")
+        is None
+    )
+
+
+def test_front_follows_the_objective():
+    latency = [p["key"] for p in pareto_front(RANKED, "latency")]
+    memory = [p["key"] for p in pareto_front(RANKED, "memory")]
+    assert "leaner-slow" not in latency and "steady" in latency
+    assert "leaner-slow" in memory and "eager" not in memory

@@ -34,6 +34,10 @@ def test_measures_skips_with_reasons_and_saves_a_loadable_artifact(mlp, tmp_path
     assert by["eager"].status == "ok" and by["eager"].accuracy == 1.0 and by["eager"].size_bytes > 0
     assert by["torchscript"].status == "ok" and by["torchscript"].speedup > 0
     assert by["torchscript"].accuracy == 1.0
+    # every measured candidate carries the sustained-rate ratio and a memory figure saying its source
+    for key in ("eager", "torchscript"):
+        assert by[key].throughput_gain > 0 and by[key].latency_p90_ms >= by[key].measured_latency_ms
+        assert by[key].memory_bytes >= by[key].size_bytes and "allocator peak" in by[key].memory_source
     skipped = by["eager+channels_last"]
     assert skipped.status == "skipped" and "4-d" in skipped.why
     # whatever was chosen (or the baseline), the saved artifact serves the model's outputs
@@ -104,8 +108,12 @@ def test_budget_branches_and_resume(mlp, tmp_path, monkeypatch):
     assert again.chosen.key == res.chosen.key
 
 
-def test_interrupted_search_resumes_where_it_stopped(mlp, tmp_path, monkeypatch):
+@pytest.mark.parametrize("store", ["json", "history"])
+def test_interrupted_search_resumes_where_it_stopped(mlp, tmp_path, monkeypatch, store):
+    from torchkiln.report.history import History
+
     model, x = mlp
+    history = History(tmp_path / "history.sqlite") if store == "history" else None
     table = {"eager": (1.0, 0.9, 10), "onnxruntime": (2.0, 0.9, 10), "torchscript": (1.5, 0.9, 10)}
     cands = [Candidate(), Candidate(runtime="onnxruntime"), Candidate(runtime="torchscript")]
     run, calls = _scripted(table)
@@ -116,13 +124,51 @@ def test_interrupted_search_resumes_where_it_stopped(mlp, tmp_path, monkeypatch)
         return run(cand, *args)
 
     monkeypatch.setattr(search_mod, "_run_candidate", dies_on_torchscript)
-    kwargs = dict(batch_size=16, candidates=cands, out_dir=tmp_path, export_chosen=False, report=False)
+    kwargs = dict(
+        batch_size=16, candidates=cands, out_dir=tmp_path, export_chosen=False, report=False, history=history
+    )
     with pytest.raises(KeyboardInterrupt):
         optimize(model, x, lambda f: 0.0, **kwargs)
+    # with a history the finished candidates live in its database, not in a file beside the output
+    assert (tmp_path / "optimize-cache.json").exists() == (store == "json")
+    if history is not None:
+        assert history.list(kind="optimize") == []  # the interrupted run recorded no result...
+        [namespace] = {n for n in _namespaces(history)}
+        assert set(history.cache_get(namespace)) == {"eager", "onnxruntime"}  # ...but kept its work
     run2, calls2 = _scripted(table)
     monkeypatch.setattr(search_mod, "_run_candidate", run2)
     res = optimize(model, x, lambda f: 0.0, **kwargs)
     assert calls2 == ["torchscript"] and res.reused == 2
+    # fresh=True forgets them and measures everything again
+    run3, calls3 = _scripted(table)
+    monkeypatch.setattr(search_mod, "_run_candidate", run3)
+    again = optimize(model, x, lambda f: 0.0, fresh=True, **kwargs)
+    assert calls3 == ["eager", "onnxruntime", "torchscript"] and again.reused == 0
+
+
+def _namespaces(history):
+    import sqlite3
+
+    with sqlite3.connect(history.path) as conn:
+        return [r[0] for r in conn.execute("SELECT DISTINCT namespace FROM cache")]
+
+
+def test_quick_results_are_not_reused_by_a_full_search(mlp, tmp_path, monkeypatch):
+    model, x = mlp
+    table = {"eager": (1.0, 0.9, 10), "onnxruntime": (2.0, 0.9, 10)}
+    cands = [Candidate(), Candidate(runtime="onnxruntime")]
+    kwargs = dict(batch_size=16, candidates=cands, out_dir=tmp_path, export_chosen=False, report=False)
+    run, calls = _scripted(table)
+    monkeypatch.setattr(search_mod, "_run_candidate", run)
+    optimize(model, x, lambda f: 0.0, quick=True, **kwargs)
+    run2, calls2 = _scripted(table)
+    monkeypatch.setattr(search_mod, "_run_candidate", run2)
+    assert optimize(model, x, lambda f: 0.0, quick=True, **kwargs).reused == 2 and calls2 == []
+    full = optimize(model, x, lambda f: 0.0, **kwargs)  # short timing is not precise enough for it
+    assert calls2 == ["eager", "onnxruntime"] and full.reused == 0
+    run3, calls3 = _scripted(table)
+    monkeypatch.setattr(search_mod, "_run_candidate", run3)
+    assert optimize(model, x, lambda f: 0.0, quick=True, **kwargs).reused == 2  # full ones serve quick
 
 
 def test_time_budget_stops_new_candidates(mlp, tmp_path, monkeypatch):

@@ -9,43 +9,68 @@ from typing import Any
 import typer
 
 
+def _fmt_bytes(n: float | None) -> str:
+    if not n:
+        return "-"
+    return f"{n / 1e6:,.1f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB"
+
+
+def _cells(r: Any, base: Any, budget: float) -> tuple[list[str], str]:
+    """The table cells of one finished candidate, and its status text (rich markup)."""
+    if r.status != "ok":
+        from rich.markup import escape
+
+        color = "yellow" if r.status == "skipped" else "red"
+        why = r.why if len(r.why) <= 64 else r.why[:61] + "..."
+        return ["-"] * 6, f"[{color}]{r.status}[/]: {escape(why)}"
+    delta = None if r.accuracy_delta is None else 100 * r.accuracy_delta
+    within = r.key == "eager" or (delta is not None and delta >= -100 * budget - 1e-9)
+    status = ("[green]ok[/]" if within else "[red]over budget[/]") + (" (cached)" if r.cached else "")
+
+    def ratio(value: float | None, of: float | None) -> str:
+        return f" ({value / of:.2f}x)" if value and of else ""
+
+    gain = getattr(r, "throughput_gain", None)
+    memory = getattr(r, "memory_bytes", None)
+    base_memory = getattr(base, "memory_bytes", None) if base else None
+    return [
+        f"{r.speedup:.2f}x" if r.speedup is not None else "-",
+        f"{gain:.2f}x" if gain is not None else "-",
+        f"{100 * r.accuracy:.2f}%" if r.accuracy is not None else "-",
+        "-" if delta is None else f"{delta:+.2f} pt",
+        _fmt_bytes(r.size_bytes) + ratio(r.size_bytes, base.size_bytes if base else None),
+        _fmt_bytes(memory) + ratio(memory, base_memory),
+    ], status
+
+
+COLUMNS = ("candidate", "speedup", "sustained", "accuracy", "Δ acc", "size", "memory", "status")
+
+
 def candidate_table(rows: list[Any], budget: float, title: str = "kiln optimize") -> Any:
-    """A rich table of finished candidates (key, speedup, accuracy delta, size, status / why)."""
-    from rich.markup import escape
+    """A rich table of finished candidates: key, median-call speedup, sustained-rate gain (mean call),
+    accuracy and its change, artifact size, memory (resident weights + one call's peak), status / why."""
     from rich.table import Table
 
     table = Table(title=title, show_lines=False)
-    for col, justify in (
-        ("candidate", "left"),
-        ("speedup", "right"),
-        ("accuracy", "right"),
-        ("Δ acc", "right"),
-        ("size", "right"),
-        ("status", "left"),
-    ):
+    for col in COLUMNS:
+        justify = "left" if col in ("candidate", "status") else "right"
         table.add_column(col, justify=justify, overflow="fold", no_wrap=col == "candidate")
     base = next((r for r in rows if r.key == "eager"), None)
     for r in rows:
-        if r.status == "ok":
-            delta = None if r.accuracy_delta is None else 100 * r.accuracy_delta
-            ratio = r.size_bytes / base.size_bytes if base and base.size_bytes and r.size_bytes else None
-            within = r.key == "eager" or (delta is not None and delta >= -100 * budget - 1e-9)
-            status = ("[green]ok[/]" if within else "[red]over budget[/]") + (" (cached)" if r.cached else "")
-            table.add_row(
-                r.key,
-                f"{r.speedup:.2f}x" if r.speedup is not None else "-",
-                f"{100 * r.accuracy:.2f}%" if r.accuracy is not None else "-",
-                "-" if delta is None else f"{delta:+.2f} pt",
-                f"{r.size_bytes / 1e3:,.0f} kB" + (f" ({ratio:.2f}x)" if ratio else "")
-                if r.size_bytes
-                else "-",
-                status,
-            )
-        else:
-            color = "yellow" if r.status == "skipped" else "red"
-            why = r.why if len(r.why) <= 64 else r.why[:61] + "..."
-            table.add_row(r.key, "-", "-", "-", "-", f"[{color}]{r.status}[/]: {escape(why)}")
+        cells, status = _cells(r, base, budget)
+        table.add_row(r.key, *cells, status)
     return table
+
+
+def candidate_line(r: Any, rows: list[Any], budget: float) -> str:
+    """One finished candidate as a line of text (rich markup): what a log without a terminal shows as
+    each candidate finishes, where a live table cannot redraw."""
+    base = next((b for b in rows if b.key == "eager"), None)
+    cells, status = _cells(r, base, budget)
+    if r.status != "ok":
+        return f"[{len(rows)}] {r.key}: {status}"
+    named = ", ".join(f"{c} {v}" for c, v in zip(COLUMNS[1:-1], cells, strict=True) if v != "-")
+    return f"[{len(rows)}] {r.key}: {named} -- {status}"
 
 
 def register(app: typer.Typer) -> None:
@@ -55,7 +80,12 @@ def register(app: typer.Typer) -> None:
         accuracy_budget: str = typer.Option(
             "1%", "--accuracy-budget", "-b", help="Largest accuracy drop accepted: '1%', '0.5pt' or 0.01."
         ),
-        objective: str = typer.Option("latency", "--objective", help="latency | throughput | size."),
+        objective: str = typer.Option(
+            "latency",
+            "--objective",
+            help="latency (median call at --batch-size) | throughput (sustained rate: mean call, stalls "
+            "count) | size (saved artifact) | memory (resident weights + peak of one call).",
+        ),
         batch_size: int = typer.Option(32, "--batch-size", help="Batch size every candidate is timed at."),
         time_budget: str | None = typer.Option(
             None, "--time-budget", help="Stop starting candidates after this long: '20m', '90s', '1h'."
@@ -76,19 +106,28 @@ def register(app: typer.Typer) -> None:
         threads: int | None = typer.Option(None, "--threads", help="torch.set_num_threads (default: as is)."),
         quick: bool = typer.Option(False, "--quick", help="Short timing (about 1 s per candidate), for CI."),
         history: bool = typer.Option(
-            True, "--history/--no-history", help="Record the run in runs/history.sqlite."
+            True,
+            "--history/--no-history",
+            help="Record the run, and cache finished candidates, in runs/history.sqlite "
+            "($TORCHKILN_HISTORY); without it the cache is <out>/optimize-cache.json.",
+        ),
+        fresh: bool = typer.Option(
+            False, "--fresh", help="Forget this model's cached candidates and measure them all again."
         ),
     ) -> None:
         """Measure candidates (bf16, channels_last, compile, TorchScript, ONNX Runtime, int8, pruning)
-        against fp32 eager, keep the Pareto front and save the best one within the accuracy budget."""
+        against fp32 eager, keep the Pareto front and save the best one within the accuracy budget.
+
+        Finished candidates are cached as they finish: an interrupted search (Ctrl-C, a killed job)
+        resumes where it stopped when run again with the same model and settings."""
         import torch
-        from rich.console import Console
         from rich.live import Live
 
+        from torchkiln.cli import make_console
         from torchkiln.optimize.from_recipe import optimize_recipe, parse_budget, parse_duration
         from torchkiln.report.history import History
 
-        console = Console()
+        console = make_console()
         budget = parse_budget(accuracy_budget)
         seconds = parse_duration(time_budget)
         if threads is not None:
@@ -99,27 +138,45 @@ def register(app: typer.Typer) -> None:
             f"[bold]kiln optimize[/] {recipe}: budget {100 * budget:g} pt, objective {objective}, batch "
             f"{batch_size}, {torch.get_num_threads()} thread(s)"
         )
-        with Live(candidate_table(rows, budget), console=console, refresh_per_second=4) as live:
+        hist = History() if history else None
+        run_kwargs = dict(
+            overrides=list(set_),
+            weights=weights,
+            out_dir=out,
+            history=hist,
+            accuracy_budget=budget,
+            objective=objective,
+            batch_size=batch_size,
+            time_budget_s=seconds,
+            compile=compile_,
+            prune_ratios=ratios,
+            quick=quick,
+            fresh=fresh,
+        )
+        try:
+            if console.is_terminal:
+                with Live(candidate_table(rows, budget), console=console, refresh_per_second=4) as live:
 
-            def on_result(r: Any) -> None:
-                rows.append(r)
-                live.update(candidate_table(rows, budget))
+                    def on_result(r: Any) -> None:
+                        rows.append(r)
+                        live.update(candidate_table(rows, budget))
 
-            result, what = optimize_recipe(
-                recipe,
-                overrides=list(set_),
-                weights=weights,
-                out_dir=out,
-                history=History() if history else None,
-                accuracy_budget=budget,
-                objective=objective,
-                batch_size=batch_size,
-                time_budget_s=seconds,
-                compile=compile_,
-                prune_ratios=ratios,
-                on_result=on_result,
-                quick=quick,
+                    result, what = optimize_recipe(recipe, on_result=on_result, **run_kwargs)
+            else:  # a log or a pipe: one line per candidate as it finishes, the table at the end
+
+                def on_line(r: Any) -> None:
+                    rows.append(r)
+                    console.print(candidate_line(r, rows, budget), highlight=False)
+
+                result, what = optimize_recipe(recipe, on_result=on_line, **run_kwargs)
+                console.print(candidate_table(rows, budget))
+        except KeyboardInterrupt:
+            where = f"{hist.path}" if hist is not None else "<out>/optimize-cache.json"
+            console.print(
+                f"\n[yellow]interrupted[/] after {len(rows)} candidate(s); finished ones are cached in "
+                f"{where}: run the same command again to resume"
             )
+            raise typer.Exit(130) from None
         console.print()
         print_summary(console, result, what)
 
@@ -127,7 +184,11 @@ def register(app: typer.Typer) -> None:
 def print_summary(console: Any, result: Any, what: str) -> None:
     """The closing lines: the front, the choice (or that nothing won), where things were written."""
     console.print(f"evaluator: {what}; baseline accuracy {100 * (result.baseline.accuracy or 0):.2f}%")
-    console.print(f"Pareto front (speedup, accuracy, size): {', '.join(result.front) or '-'}")
+    axis = {"latency": "speedup", "throughput": "sustained rate", "size": "size", "memory": "memory"}
+    console.print(
+        f"Pareto front ({axis.get(result.objective, result.objective)}, accuracy, size): "
+        f"{', '.join(result.front) or '-'}"
+    )
     if result.stopped_early:
         console.print(f"[yellow]stopped early[/]: {result.stopped_early}")
     console.print(("[bold green]" if result.chosen else "[bold yellow]") + result.message + "[/]")

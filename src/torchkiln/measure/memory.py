@@ -10,8 +10,12 @@ per-phase (forward, backward, optimizer) and peak memory of one step, saying whe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -22,8 +26,10 @@ __all__ = [
     "ModuleActivationStats",
     "SavedTensorStats",
     "activation_bytes_by_module",
+    "call_peak_bytes",
     "cuda_memory_stats",
     "memory_analysis",
+    "onnx_process_peak_bytes",
     "rss_bytes",
     "saved_tensor_bytes",
 ]
@@ -107,6 +113,135 @@ def rss_bytes() -> int:
     True
     """
     return int(psutil.Process().memory_info().rss)
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for the duration (native libraries print there directly)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def call_peak_bytes(fn: Callable[[], Any]) -> int:
+    """The most bytes the host allocator held above its starting level during one ``fn()`` call (its
+    output included): the transient working memory of an inference call, counted from the profiler's
+    ``[memory]`` events (``profile_memory=True``), so cached allocator pages do not hide it and other
+    threads' noise does not add to it. Runtimes with their own allocator (ONNX Runtime) are invisible
+    here: see :func:`onnx_process_peak_bytes`.
+
+    >>> call_peak_bytes(lambda: torch.zeros(1024, 1024)) >= 4 * 1024 * 1024
+    True
+    """
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from torchkiln.measure import _step
+
+    prof = torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # the profiler's start/stop banners, not the call's own messages
+        prof.start()
+    try:
+        out = fn()
+    finally:
+        with _quiet_stderr():
+            prof.stop()
+    del out
+    running = peak = 0
+    for _, nbytes in _step.memory_events(_step.kineto_events(prof), torch.device("cpu")):
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+_ORT_PEAK_SCRIPT = r"""
+import ctypes, gc, sys
+import numpy as np, onnxruntime as ort
+
+def status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise SystemExit("no " + field + " in /proc/self/status")
+
+path, threads, calls = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+feeds_file = np.load(sys.argv[4])
+feeds = {name: feeds_file[name] for name in feeds_file.files}
+opts = ort.SessionOptions()
+opts.intra_op_num_threads = threads
+opts.log_severity_level = 3
+
+def session():
+    return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+
+# A first session loads the runtime's code and thread pool (resident once per process, whatever the
+# model); freed again and trimmed, so the second session's growth is what this model costs.
+sess = session()
+sess.run(None, feeds)
+del sess
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+start = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:  # the high-water mark starts from here
+    f.write("5")
+sess = session()
+for _ in range(calls):
+    sess.run(None, feeds)
+print(status("VmHWM") - start)
+"""
+
+
+def onnx_process_peak_bytes(
+    path: str | os.PathLike[str],
+    inputs: Mapping[str, torch.Tensor] | torch.Tensor,
+    *,
+    threads: int = 1,
+    calls: int = 3,
+    timeout_s: float = 120.0,
+) -> int:
+    """Peak resident memory an ONNX Runtime session adds to a fresh process that loads ``path`` and runs
+    ``calls`` inferences on ``inputs``: the growth of the kernel's high-water mark (``VmHWM``, reset through
+    ``/proc/self/clear_refs``) over the RSS after a first session of the same model has loaded the runtime
+    and been freed (``malloc_trim``): weights, ORT's arena and activations together, which is what serving
+    the model costs, without the runtime's own code and thread pool. Linux (glibc) only.
+
+    ``inputs``: one tensor (the model's first input) or ``{input name: tensor}``.
+    """
+    import subprocess
+    import sys
+    import tempfile
+
+    import numpy as np
+
+    if not Path("/proc/self/clear_refs").exists():
+        raise RuntimeError("onnx_process_peak_bytes needs Linux /proc (VmHWM and clear_refs)")
+    if isinstance(inputs, torch.Tensor):
+        import onnx
+
+        graph = onnx.load(str(path), load_external_data=False).graph
+        init = {i.name for i in graph.initializer}
+        names = [i.name for i in graph.input if i.name not in init]
+        inputs = {names[0]: inputs}
+    with tempfile.TemporaryDirectory(prefix="kiln-ortmem-") as tmp:
+        feeds = Path(tmp) / "feeds.npz"
+        np.savez(feeds, **{k: v.detach().cpu().numpy() for k, v in inputs.items()})
+        proc = subprocess.run(
+            [sys.executable, "-c", _ORT_PEAK_SCRIPT, str(path), str(threads), str(calls), str(feeds)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"measuring ONNX Runtime memory for {path} failed: {tail[0]}")
+    return int(proc.stdout.strip().splitlines()[-1])
 
 
 def cuda_memory_stats(device: int | str | torch.device | None = None) -> dict[str, int]:

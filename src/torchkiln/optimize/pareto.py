@@ -1,8 +1,9 @@
 """The Pareto front of measured candidates and the choice of the best one within an accuracy budget.
 
-A point is a mapping with ``key``, ``speedup`` (t_baseline / t_candidate, higher is better), ``accuracy``
-(higher is better) and ``size_bytes`` (lower is better). A point is on the front when no other point is
-at least as good on all three and strictly better on one.
+A point is a mapping with ``key``, ``speedup`` (median t_baseline / t_candidate, higher is better),
+``throughput_gain`` (mean t_baseline / t_candidate), ``accuracy`` (higher is better), ``size_bytes`` and
+``memory_bytes`` (lower is better). The front is over the objective, accuracy and size: a point is on it
+when no other point is at least as good on all three and strictly better on one.
 
 >>> pts = [{"key": "a", "speedup": 1.0, "accuracy": 0.9, "size_bytes": 10},
 ...        {"key": "b", "speedup": 2.0, "accuracy": 0.9, "size_bytes": 10},
@@ -23,7 +24,7 @@ from torchkiln.errors import KilnError
 
 __all__ = ["OBJECTIVES", "OptimizeError", "choose", "objective_value", "pareto_front", "within_budget"]
 
-OBJECTIVES = ("latency", "throughput", "size")
+OBJECTIVES = ("latency", "throughput", "size", "memory")
 
 #: a candidate must beat the baseline by more than this to be chosen over it (timing noise on a shared
 #: machine: a 1.01x "win" is a coin toss).
@@ -41,19 +42,24 @@ def _num(value: Any) -> float | None:
 
 
 def objective_value(point: Mapping[str, Any], objective: str) -> float | None:
-    """Higher is better: ``speedup`` for latency and throughput (both measured at the same batch size, so
-    they rank candidates alike), ``-size_bytes`` for size."""
+    """Higher is better: ``speedup`` (median call time) for latency, ``throughput_gain`` (mean call time,
+    falling back to ``speedup`` where a point lacks it) for throughput, ``-size_bytes`` for size and
+    ``-memory_bytes`` for memory."""
     if objective not in OBJECTIVES:
         raise OptimizeError(f"objective {objective!r} is not accepted; accepted: {', '.join(OBJECTIVES)}")
-    if objective == "size":
-        size = _num(point.get("size_bytes"))
-        return -size if size is not None else None
+    if objective in ("size", "memory"):
+        value = _num(point.get(f"{objective}_bytes"))
+        return -value if value is not None else None
+    if objective == "throughput":
+        gain = _num(point.get("throughput_gain"))
+        if gain is not None:
+            return gain
     return _num(point.get("speedup"))
 
 
-def _dominates(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+def _dominates(a: Mapping[str, Any], b: Mapping[str, Any], objective: str) -> bool:
     axes = [
-        (_num(a.get("speedup")), _num(b.get("speedup")), 1),
+        (objective_value(a, objective), objective_value(b, objective), 1),
         (_num(a.get("accuracy")), _num(b.get("accuracy")), 1),
         (_num(a.get("size_bytes")), _num(b.get("size_bytes")), -1),
     ]
@@ -68,10 +74,12 @@ def _dominates(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return better
 
 
-def pareto_front(points: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The points no other point dominates (speedup and accuracy up, size down), in input order."""
-    usable = [p for p in points if _num(p.get("speedup")) is not None and _num(p.get("accuracy")) is not None]
-    return [p for p in usable if not any(_dominates(q, p) for q in usable if q is not p)]
+def pareto_front(points: Sequence[Mapping[str, Any]], objective: str = "latency") -> list[Mapping[str, Any]]:
+    """The points no other point dominates (the objective and accuracy up, size down), in input order."""
+    usable = [
+        p for p in points if objective_value(p, objective) is not None and _num(p.get("accuracy")) is not None
+    ]
+    return [p for p in usable if not any(_dominates(q, p, objective) for q in usable if q is not p)]
 
 
 def within_budget(point: Mapping[str, Any], baseline_accuracy: float, accuracy_budget: float) -> bool:
@@ -90,8 +98,10 @@ def choose(
     min_gain: float = MIN_GAIN,
 ) -> Mapping[str, Any] | None:
     """The within-budget point that is best on ``objective`` (ties: higher accuracy, then smaller), or
-    None when no candidate beats the baseline (speedup above ``min_gain`` for latency/throughput, a
-    smaller artifact for size). An over-budget point is never chosen, however fast.
+    None when no candidate beats the baseline (more than ``min_gain`` times faster for latency and
+    throughput; a smaller artifact for size; ``min_gain`` times less memory for memory, whose figure is
+    measured, not counted). A smaller or leaner point that is clearly slower than the baseline is not a
+    win. An over-budget point is never chosen, however fast.
     """
     if accuracy_budget < 0:
         raise OptimizeError(
@@ -106,9 +116,10 @@ def choose(
         value = objective_value(p, objective)
         if value is None:
             continue
-        if objective == "size":
-            base_size = _num(base.get("size_bytes")) if base else None
-            if base_size is not None and -value >= base_size:
+        if objective in ("size", "memory"):
+            base_value = _num(base.get(f"{objective}_bytes")) if base else None
+            need = 1.0 if objective == "size" else min_gain
+            if base_value is not None and -value * need >= base_value:
                 continue
             speed = _num(p.get("speedup")) or 0.0
             if speed < 1.0 / min_gain:  # smaller but clearly slower than the baseline: not a win

@@ -2,9 +2,9 @@
 size, the evaluator's accuracy, the saved artifact's size), keep the Pareto front, choose the best within
 the accuracy budget, save it as a servable artifact plus a recipe fragment, and record the run.
 
-Finished candidates are cached in ``<out_dir>/optimize-cache.json`` keyed by the model's hash (weights,
-input shape, batch size, threads, torch version) and the candidate key, so an interrupted search resumes
-without measuring them again.
+Finished candidates are cached, keyed by the model's hash (weights, input shape, batch size, threads,
+torch version, evaluator) and the candidate key, in the history database when one is given (else in
+``<out_dir>/optimize-cache.json``), so an interrupted search resumes without measuring them again.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -131,14 +131,26 @@ class CandidateResult:
     latency_ms: float | None = None
     measured_latency_ms: float | None = None
     baseline_latency_ms: float | None = None
+    latency_p90_ms: float | None = None
+    throughput_gain: float | None = None
     rounds: int | None = None
+    timing: str | None = None
     accuracy: float | None = None
     accuracy_delta: float | None = None
     size_bytes: int | None = None
+    memory_bytes: int | None = None
+    memory_source: str | None = None
     within_budget: bool | None = None
     build_s: float | None = None
     first_call_s: float | None = None
     cached: bool = False
+
+    @classmethod
+    def from_entry(cls, entry: Mapping[str, Any], **changes: Any) -> CandidateResult:
+        """A result from its cached dict (keys a newer or older version wrote and this one lacks are
+        dropped)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in entry.items() if k in names}, **changes})
 
     def to_variant(self, batch_size: int) -> dict[str, Any]:
         """The report's bench-shaped variant dict (torchkiln.report.schema)."""
@@ -148,7 +160,9 @@ class CandidateResult:
             "latency_ms": {"p50": p50} if p50 is not None else {},
             "rounds": self.rounds,
             "throughput_per_s": batch_size / (p50 / 1e3) if p50 else None,
+            "throughput_gain": self.throughput_gain,
             "size_bytes": self.size_bytes,
+            "memory_bytes": self.memory_bytes,
             "accuracy": self.accuracy,
             "speedup_vs_baseline": self.speedup,
             "speedup_iqr": (self.speedup_q3 - self.speedup_q1)
@@ -192,9 +206,16 @@ class OptimizeResult:
             )
         c, b = self.chosen, self.baseline
         size = f", size {c.size_bytes / b.size_bytes:.2f}x" if c.size_bytes and b.size_bytes else ""
+        memory = (
+            f", memory {c.memory_bytes / b.memory_bytes:.2f}x" if c.memory_bytes and b.memory_bytes else ""
+        )
+        if self.objective == "throughput" and c.throughput_gain is not None:
+            head = f"{c.throughput_gain:.2f}x the sustained throughput of fp32 eager"
+        else:
+            head = f"{c.speedup:.2f}x faster than fp32 eager"
         return (
-            f"chosen: {c.key} -- {c.speedup:.2f}x faster than fp32 eager at batch {self.batch_size}, "
-            f"accuracy {100 * (c.accuracy_delta or 0.0):+.2f} pt{size}"
+            f"chosen: {c.key} -- {head} at batch {self.batch_size}, "
+            f"accuracy {100 * (c.accuracy_delta or 0.0):+.2f} pt{size}{memory}"
         )
 
     def to_results(self) -> dict[str, Any]:
@@ -242,17 +263,41 @@ def model_hash(model: nn.Module, example: torch.Tensor, batch_size: int, threads
     return h.hexdigest()[:16]
 
 
-def _load_cache(path: Path) -> dict[str, Any]:
+class _Cache:
+    """Finished candidates of one search (one model hash): in the history database (table ``cache``,
+    namespace ``optimize:<hash>``) when a history is given, else in ``<out_dir>/optimize-cache.json``.
+    Each entry is written as soon as its candidate finishes, so an interrupted search resumes there."""
+
+    def __init__(self, mhash: str, history: Any, json_path: Path, fresh: bool) -> None:
+        self.namespace = f"optimize:{mhash}"
+        self.history = history
+        self.json_path = json_path
+        self.where = f"{history.path} (cache {self.namespace})" if history is not None else str(json_path)
+        if history is not None:
+            if fresh:
+                history.cache_clear(self.namespace)
+            self.entries: dict[str, Any] = history.cache_get(self.namespace)
+            self._all: dict[str, Any] = {}
+        else:
+            self._all = {} if fresh else _load_json(json_path)
+            self.entries = self._all.setdefault(mhash, {})
+
+    def put(self, key: str, entry: dict[str, Any]) -> None:
+        self.entries[key] = entry
+        if self.history is not None:
+            self.history.cache_put(self.namespace, key, entry)
+        else:
+            tmp = self.json_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self._all, indent=1, default=str))
+            tmp.replace(self.json_path)
+
+
+def _load_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _save_cache(path: Path, cache: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cache, indent=1, default=str))
-    tmp.replace(path)
+    return data if isinstance(data, dict) else {}
 
 
 # ---------------------------------------------------------------------------------------------- search
@@ -305,18 +350,24 @@ def optimize(
     on_result: Callable[[CandidateResult], None] | None = None,
     export_chosen: bool = True,
     report: bool = True,
+    fresh: bool = False,
 ) -> OptimizeResult:
     """Search ways to run ``model`` faster (or smaller) within ``accuracy_budget`` of its accuracy.
 
     ``example_inputs``: one input tensor (any batch; resized to ``batch_size``). ``evaluator(run) ->
     float``: higher is better, ``run(x)`` the candidate's callable on a batch (see
     :func:`accuracy_evaluator`, :func:`agreement_evaluator`). ``accuracy_budget``: the largest absolute
-    drop accepted (0.01 = one point of accuracy). ``objective``: ``"latency"``/``"throughput"`` (both at
-    ``batch_size``) or ``"size"``. ``candidates``: default :func:`generate_candidates`. ``train_data``:
+    drop accepted (0.01 = one point of accuracy). ``objective``: ``"latency"`` (the median call time at
+    ``batch_size``, against the baseline's in the same interleaved rounds), ``"throughput"`` (the
+    sustained rate: mean call time, so stalls and slow rounds count), ``"size"`` (the saved artifact) or
+    ``"memory"`` (resident weights plus the peak working memory of one call).
+    ``candidates``: default :func:`generate_candidates`. ``train_data``:
     a Dataset of ``(x, y)`` for static-int8 calibration and the pruning fine-tune. ``time_budget_s``: no
     new candidate starts once it is spent. ``history``: a :class:`~torchkiln.report.history.History`
-    (records an ``optimize`` run). ``out_dir``: the cache, the chosen artifact, the recipe fragment and
-    the report (a temporary directory when None). ``measure_s``: seconds of interleaved timing per
+    (records an ``optimize`` run and holds the cache of finished candidates). ``out_dir``: the chosen
+    artifact, the recipe fragment, the report, and the cache when there is no history (a temporary
+    directory when None). ``fresh``: forget this model's cached candidates and measure them all again.
+    ``measure_s``: seconds of interleaved timing per
     candidate (default 4, ``quick`` 1). The model is put in eval mode.
 
     >>> import torchkiln as tk
@@ -351,9 +402,8 @@ def optimize(
     work = out / "candidates"
     work.mkdir(exist_ok=True)
     mhash = model_hash(model, x, batch_size, threads, getattr(evaluator, "__name__", ""))
-    cache_path = out / "optimize-cache.json"
-    cache = _load_cache(cache_path)
-    entries: dict[str, Any] = cache.setdefault(mhash, {})
+    cache = _Cache(mhash, history, out / "optimize-cache.json", fresh)
+    timing = "quick" if quick else "full"
 
     todo = (
         list(candidates)
@@ -378,8 +428,10 @@ def optimize(
 
     for cand in todo:
         key = cand.key
-        if key in entries:
-            res = CandidateResult(**{**entries[key], "cached": True})
+        entry_key = _entry_key(cand, ctx)
+        entry = cache.entries.get(entry_key)
+        if entry is not None and (quick or entry.get("timing") != "quick"):
+            res = CandidateResult.from_entry(entry, cached=True)
             reused += 1
         elif time_budget_s is not None and time.perf_counter() - start > time_budget_s and cand != base_c:
             stopped = stopped or (
@@ -399,11 +451,11 @@ def optimize(
             res = CandidateResult(key, cand.to_dict(), "skipped", failed_parents[cand.prune])
         else:
             res = _run_candidate(cand, ctx, baseline_built, baseline_call, evaluator, base_res, x, quick)
+            res.timing = timing
             # Saved at once, so an interrupted search resumes after the last finished candidate. A failure
             # is not cached: it may be transient (a busy machine, a fixed bug) and is tried again.
             if res.status != "failed":
-                entries[key] = {k: v for k, v in asdict(res).items() if k != "cached"}
-                _save_cache(cache_path, cache)
+                cache.put(entry_key, {k: v for k, v in asdict(res).items() if k != "cached"})
             measured += 1
         if cand == base_c:
             base_res = res
@@ -433,7 +485,7 @@ def optimize(
     base_res.accuracy_delta = 0.0
     ok = [r for r in results if r.status == "ok"]
     points = [asdict(r) for r in ok]
-    front = [p["key"] for p in pareto_front(points)]
+    front = [p["key"] for p in pareto_front(points, objective)]
     pick = choose(
         points,
         baseline_accuracy=base_res.accuracy or 0.0,
@@ -489,6 +541,27 @@ def optimize(
     return result
 
 
+def _entry_key(cand: Candidate, ctx: BuildContext) -> str:
+    """The cache key: the candidate's, plus the fine-tune length for pruned ones (it changes them)."""
+    if cand.prune:
+        return f"{cand.key}@distill{ctx.distill_epochs}x{ctx.distill_max_steps}"
+    return cand.key
+
+
+def _memory(built: Any, call: Callable[[], Any], size: int, x: torch.Tensor) -> tuple[int | None, str]:
+    """Resident weights plus the peak working memory of one call, and how it was counted. ONNX Runtime
+    allocates outside PyTorch's allocator, so its sessions are measured as a fresh process's growth."""
+    from torchkiln.measure.memory import call_peak_bytes, onnx_process_peak_bytes
+
+    try:
+        if Path(built.artifact).suffix == ".onnx":
+            peak = onnx_process_peak_bytes(built.artifact, x, threads=torch.get_num_threads())
+            return peak, "ONNX Runtime session: peak RSS growth of a fresh process"
+        return size + call_peak_bytes(call), "artifact bytes + allocator peak of one call"
+    except Exception as exc:  # noqa: BLE001 - a memory figure is not worth losing the candidate
+        return None, f"not measured: {_short(exc)}"
+
+
 def _run_candidate(
     cand: Candidate,
     ctx: BuildContext,
@@ -518,8 +591,11 @@ def _run_candidate(
     except Exception as exc:  # noqa: BLE001
         return CandidateResult(key, cand.to_dict(), "failed", _short(exc), build_s=build_s)
     r = cmp.ratios["candidate"]
-    base_ms = cmp.timings["baseline"].p50 * 1e3
+    base_t, cand_t = cmp.timings["baseline"], cmp.timings["candidate"]
+    base_ms = base_t.p50 * 1e3
     speedup = 1.0 if cand == Candidate() else r.speedup
+    size = artifact_size(built.artifact)
+    memory, memory_source = _memory(built, call, size, x)
     return CandidateResult(
         key,
         cand.to_dict(),
@@ -531,11 +607,15 @@ def _run_candidate(
         speedup_max=max(r.speedups) if r.speedups else None,
         latency_ms=(base_res.baseline_latency_ms if base_res and base_res.baseline_latency_ms else base_ms)
         / speedup,
-        measured_latency_ms=cmp.timings["candidate"].p50 * 1e3,
+        measured_latency_ms=cand_t.p50 * 1e3,
         baseline_latency_ms=base_ms,
+        latency_p90_ms=cand_t.p90 * 1e3,
+        throughput_gain=1.0 if cand == Candidate() else base_t.mean / cand_t.mean,
         rounds=cmp.rounds,
         accuracy=accuracy,
-        size_bytes=artifact_size(built.artifact),
+        size_bytes=size,
+        memory_bytes=memory,
+        memory_source=memory_source,
         build_s=build_s,
         first_call_s=first_s,
     )

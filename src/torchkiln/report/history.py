@@ -103,7 +103,17 @@ CREATE TABLE IF NOT EXISTS runs (
     artifacts TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS runs_kind_name ON runs(kind, name, created);
+CREATE TABLE IF NOT EXISTS cache (
+    namespace TEXT NOT NULL,
+    key TEXT NOT NULL,
+    created TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (namespace, key)
+);
 """
+
+# Added after schema 1 shipped; created on first use, so files written before it stay readable by both.
+_CACHE_SCHEMA = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS cache") :]
 
 
 def _dumps(value: Any) -> str:
@@ -325,6 +335,53 @@ class History:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+
+    # ------------------------------------------------------------------------------------------- cache
+
+    def cache_get(self, namespace: str) -> dict[str, Any]:
+        """Every ``{key: value}`` stored under ``namespace`` (e.g. one optimize search's finished
+        candidates), oldest first; empty when there are none."""
+        with self._connect() as conn:
+            conn.execute(_CACHE_SCHEMA)
+            rows = conn.execute(
+                "SELECT key, value FROM cache WHERE namespace = ? ORDER BY created, rowid", (namespace,)
+            ).fetchall()
+        out: dict[str, Any] = {}
+        for key, value in rows:
+            try:
+                out[key] = json.loads(value)
+            except ValueError:  # a row another writer could not finish is not a result: skip it
+                continue
+        return out
+
+    def cache_put(self, namespace: str, key: str, value: Any) -> None:
+        """Store (or replace) one JSON-serializable ``value``, in its own transaction: an interrupted
+        writer leaves every earlier entry intact."""
+        row = (namespace, key, datetime.now(timezone.utc).isoformat(timespec="seconds"), _dumps(value))
+        with self._connect() as conn:
+            conn.execute(_CACHE_SCHEMA)
+            for attempt in range(5):
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    conn.execute("INSERT OR REPLACE INTO cache VALUES (?,?,?,?)", row)
+                    conn.execute("COMMIT")
+                    return
+                except sqlite3.OperationalError as exc:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    if "locked" not in str(exc) and "busy" not in str(exc) or attempt == 4:
+                        raise HistoryError(f"cannot write to {self.path}: {exc}") from None
+                    time.sleep(0.05 * (attempt + 1))
+
+    def cache_clear(self, namespace: str | None = None) -> int:
+        """Delete the entries of ``namespace`` (every namespace when None); return how many."""
+        with self._connect() as conn:
+            conn.execute(_CACHE_SCHEMA)
+            if namespace is None:
+                cur = conn.execute("DELETE FROM cache")
+            else:
+                cur = conn.execute("DELETE FROM cache WHERE namespace = ?", (namespace,))
+            return int(cur.rowcount)
 
 
 # ------------------------------------------------------------------------------------------- summaries
