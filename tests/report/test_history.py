@@ -258,3 +258,27 @@ def test_docstring_examples():
 
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_cache_entries_persist_replace_and_clear(tmp_path):
+    path = tmp_path / "h.sqlite"
+    h = History(path)
+    assert h.cache_get("optimize:abc") == {}
+    h.cache_put("optimize:abc", "eager", {"speedup": 1.0})
+    h.cache_put("optimize:abc", "onnxruntime", {"speedup": 2.0})
+    h.cache_put("optimize:abc", "eager", {"speedup": 1.5})  # replaced, not duplicated
+    h.cache_put("optimize:def", "eager", {"speedup": 9.0})
+    again = History(path)  # another handle (another process) sees them
+    assert again.cache_get("optimize:abc") == {"onnxruntime": {"speedup": 2.0}, "eager": {"speedup": 1.5}}
+    assert again.cache_clear("optimize:abc") == 2 and again.cache_get("optimize:abc") == {}
+    assert again.cache_get("optimize:def") == {"eager": {"speedup": 9.0}}
+
+
+def test_cache_table_is_added_to_a_database_written_without_it(tmp_path):
+    path = tmp_path / "old.sqlite"
+    rid = History(path).record("bench", "mlp", _bench_results(1.0), env={})
+    with sqlite3.connect(path) as conn:  # a file from before the cache table existed
+        conn.execute("DROP TABLE cache")
+    h = History(path)
+    h.cache_put("ns", "k", [1, 2])
+    assert h.cache_get("ns") == {"k": [1, 2]} and h.get(rid).name == "mlp"
