@@ -93,13 +93,20 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def input_names_of(model: torch.nn.Module, count: int) -> list[str]:
-    """Names of the first ``count`` positional parameters of ``model.forward`` (``input_<i>`` past them)."""
+    """Names of the first ``count`` positional parameters of ``model.forward`` (``input_<i>`` past them).
+
+    A wrapper whose forward takes only ``*args`` and that holds the wrapped model as ``.module`` (autocast,
+    memory-format wrappers) is looked through, so its artifact keeps the model's input names.
+    """
     import inspect
 
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         params = []
+    inner = getattr(model, "module", None)
+    if params and all(p.kind == p.VAR_POSITIONAL for p in params) and isinstance(inner, torch.nn.Module):
+        return input_names_of(inner, count)
     names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:count]
     names += [f"input_{i}" for i in range(len(names), count)]
     return names
