@@ -158,6 +158,8 @@ class Int8Dynamic:
     fast in eager mode at small batch; quantizes ``nn.LSTM`` too) or ``"onnxruntime"`` (needs
     ``example_inputs=``; ``threads`` sets ORT's intra-op threads). ``granularity`` of the activation scales
     (torchao only): ``"per_token"`` (one scale per row; survives activation outliers) or ``"per_tensor"``.
+    The eager and ONNX Runtime backends use one scale per input tensor (recorded as ``"per_tensor"``), so a
+    sample's outputs can move slightly with the other samples in its batch.
     """
 
     backend: Literal["torchao", "eager", "onnxruntime"] = "torchao"
@@ -495,7 +497,8 @@ def int8_dynamic(
         q,
         technique="quantize/int8-dynamic",
         backend=backend,
-        granularity=config.granularity if backend == "torchao" else "per_token",
+        # quantize_dynamic computes one activation scale per input tensor, whatever the config says
+        granularity=config.granularity if backend == "torchao" else "per_tensor",
         layers=selected,
         mode=mode,
         compile_options=compile_options() if mode == "compile" else None,

@@ -299,6 +299,11 @@ def build_candidate(candidate: Candidate, ctx: BuildContext) -> Built:
             raise CandidateSkipped(f"bf16 autocast is not applied inside a {c.runtime} artifact")
     if c.channels_last:
         _check_variant("channels_last", base, x)
+        if c.runtime in ("torchscript", "onnxruntime"):
+            raise CandidateSkipped(
+                f"channels_last is applied to eager and compiled PyTorch; a {c.runtime} artifact keeps "
+                "its own layout"
+            )
     if c.runtime == "compile":
         _check_variant("compile", base, x)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if c.precision == "bf16" else None
