@@ -133,13 +133,30 @@ def test_int8_dynamic_torchao_falls_back_to_torch_export_and_says_what_it_runs(
     result, measured = _write(model, x, cand, tmp_path)
     assert result.artifact_format == "export", result.notes
     assert any("aoti export of int8-dynamic+compile failed" in n for n in result.notes)
-    assert any("unfused" in n and "slower than measured" in n for n in result.notes)
+    assert any("unfused" in n and "slower than measured" in n and "_int_mm" in n for n in result.notes)
     predictor = load_predictor(result.artifact)
     assert predictor.format == "export"
     graph = str(torch.export.load(str(result.artifact)).graph)
     assert "aten._int_mm" in graph
     # the program runs the eager torchao model's ops; measured.module is that model
     _assert_matches(predictor, measured.module, x, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "gpt-tiny"])
+def test_int8_weight_only_is_saved_with_its_int8_weights(arch, tmp_path, monkeypatch) -> None:
+    """Weight-only int8 (torchao) takes the same torch export path; the artifact keeps int8 weights."""
+    pytest.importorskip("torchao")
+    monkeypatch.setattr(export_core, "aoti_unavailable_reason", lambda: "no C++ compiler (test)")
+    model, x = MODELS[arch]()
+    cand = Candidate(quant="int8-weight-only", runtime="compile")
+    result, measured = _write(model, x, cand, tmp_path)
+    assert result.artifact_format == "export", result.notes
+    assert any("int8 weights dequantized" in n for n in result.notes)
+    program = torch.export.load(str(result.artifact))
+    # torchao's weight subclass reports the float dtype; its stored data is int8
+    int8 = [t for t in program.state_dict.values() if getattr(t, "qdata", t).dtype == torch.int8]
+    assert int8, "the saved program holds no int8 weights"
+    _assert_matches(load_predictor(result.artifact), measured.module, x, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.slow

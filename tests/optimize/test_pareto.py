@@ -113,3 +113,27 @@ def test_front_follows_the_objective():
     memory = [p["key"] for p in pareto_front(RANKED, "memory")]
     assert "leaner-slow" not in latency and "steady" in latency
     assert "leaner-slow" in memory and "eager" not in memory
+
+
+def test_generated_candidates_follow_the_architecture():
+    import torch
+
+    import torchkiln as tk
+    from torchkiln.optimize import generate_candidates
+
+    def keys(model, x):
+        return [c.key for c in generate_candidates(model, x, prune_ratios=(0.5,))]
+
+    mlp = keys(tk.create_model("mlp", hidden=(16,)), torch.randn(2, 64))
+    cnn = keys(tk.create_model("resnet-tiny"), torch.randn(2, 1, 8, 8))
+    gpt = keys(
+        tk.create_model("gpt-tiny", vocab_size=64, seq_len=16, n_layer=1, n_embd=32),
+        torch.zeros(2, 16).long(),
+    )
+    assert mlp[0] == cnn[0] == gpt[0] == "eager"  # the baseline first
+    for ks in (mlp, gpt):
+        assert "int8-weight-only+compile" in ks and "int8-dynamic+compile" in ks
+        assert not any("channels_last" in k or "int8-static" in k for k in ks)
+    assert {"eager+channels_last", "int8-static+eager", "int8-static+compile"} <= set(cnn)
+    assert "prune0.5+distill+int8-static+compile" in cnn
+    assert len(set(mlp)) == len(mlp) and len(set(cnn)) == len(cnn)

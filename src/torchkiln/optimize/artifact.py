@@ -93,7 +93,7 @@ def write_chosen(result: OptimizeResult, ctx: BuildContext, out: Path, name: str
     fmt: str | None = None
     if cand.runtime in ("torchscript", "onnxruntime") or src.suffix == ".onnx":
         target, fmt = _copy_artifact(src, dest), ("onnx" if src.suffix == ".onnx" else "torchscript")
-    elif cand.quant == "int8-dynamic":
+    elif cand.quant in ("int8-dynamic", "int8-weight-only"):
         target, fmt = _export_int8_dynamic(cand, built, ctx.example, dest, notes)
     elif cand.quant is None:
         target, fmt = _export_float(cand, built, ctx.example, dest, notes)
@@ -239,23 +239,28 @@ def _export_int8_dynamic(
     if backend != "torchao":
         notes.append(f"{cand.key}: a dynamic int8 model of backend {backend!r} has no torch export path")
         return None, None
+    kernels = (
+        "its int8 weights dequantized inside each Linear's matmul"
+        if cand.quant == "int8-weight-only"
+        else "its int8 Linear layers' activation quantization and aten._int_mm"
+    )
     options = {"aoti": {**base, **_INT8_COMPILED_TOLERANCE}, "export": base}
     target, fmt = _export_first(q, example, dest, ("aoti", "export"), cand.key, notes, options)
     if fmt == "aoti":
         _annotate(
             target,
             cand.key,
-            f"{cand.key} saved as an AOTInductor package: its int8 Linear layers run aten._int_mm with the "
-            "activation quantization compiled into generated code, as under torch.compile when measured",
+            f"{cand.key} saved as an AOTInductor package: {kernels} compiled into generated code, as under "
+            "torch.compile when measured",
             notes,
         )
     elif fmt == "export":
         _annotate(
             target,
             cand.key,
-            f"{cand.key} saved as a torch.export program (AOTInductor could not build it): its int8 Linear "
-            "layers run torchao's quantize ops and aten._int_mm eagerly, unfused -- not the compiled code "
-            "that was measured, so expect it slower than measured (loading needs torchao)",
+            f"{cand.key} saved as a torch.export program (AOTInductor could not build it): {kernels} run "
+            "eagerly, unfused -- not the compiled code that was measured, so expect it slower than measured "
+            "(loading needs torchao)",
             notes,
         )
     return target, fmt

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 RUNTIMES = ("eager", "compile", "torchscript", "onnxruntime")
-QUANTS = ("int8-dynamic", "int8-static")
+QUANTS = ("int8-dynamic", "int8-static", "int8-weight-only")
 
 
 class CandidateSkipped(KilnError, RuntimeError):
@@ -48,7 +48,8 @@ class Candidate:
     """One way to run the model. ``runtime``: eager PyTorch, ``torch.compile`` with inductor freezing,
     a frozen TorchScript export, or an ONNX Runtime session. ``precision`` ``"bf16"``: autocast around
     the call. ``quant``: int8 dynamic (backend follows the runtime: torchao under compile, legacy
-    ``quantize_dynamic`` eagerly, ORT's quantizer under onnxruntime) or static PT2E int8. ``prune``: the
+    ``quantize_dynamic`` eagerly, ORT's quantizer under onnxruntime), static PT2E int8, or weight-only
+    int8 (torchao, int8 weights and float activations, compiled). ``prune``: the
     channel ratio removed (then a short distillation from the float model) before the rest."""
 
     runtime: str = "eager"
@@ -105,6 +106,10 @@ class Candidate:
         }
 
 
+def _has_linear(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Linear) for m in model.modules())
+
+
 def _is_conv_net(model: nn.Module, example: torch.Tensor) -> bool:
     return example.dim() == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
@@ -137,6 +142,8 @@ def generate_candidates(
         out += [Candidate(quant="int8-dynamic", runtime="onnxruntime"), Candidate(quant="int8-dynamic")]
         if compile:
             out += [Candidate(quant="int8-dynamic", runtime="compile")]
+            if _has_linear(model):
+                out += [Candidate(quant="int8-weight-only", runtime="compile")]
         if conv:
             out += [Candidate(quant="int8-static")]
             if compile:
@@ -345,7 +352,7 @@ def build_candidate(candidate: Candidate, ctx: BuildContext) -> Built:
         return Built(run, bind, Path(result.path), predictor)
 
     from torchkiln.compress.api import quantize
-    from torchkiln.compress.quantize import Int8Dynamic, Int8Static
+    from torchkiln.compress.quantize import Int8Dynamic, Int8Static, Int8WeightOnly
     from torchkiln.compress.registry import TechniqueUnavailableError
 
     try:
@@ -366,6 +373,15 @@ def build_candidate(candidate: Candidate, ctx: BuildContext) -> Built:
                 example_inputs=x[:2].clone(),
                 workdir=path,
             )
+        elif c.quant == "int8-weight-only":
+            _check_technique("quantize/int8-weight-only")
+            if c.runtime != "compile":
+                raise CandidateSkipped(
+                    "weight-only int8 (torchao) is measured compiled: eagerly its dequantize runs unfused"
+                )
+            if c.channels_last or c.precision == "bf16":
+                raise CandidateSkipped("weight-only int8 is measured in fp32, contiguous")
+            q = quantize(base, Int8WeightOnly(), example_inputs=x[:2].clone())
         else:
             _check_technique("quantize/int8-static")
             if c.runtime not in ("eager", "compile"):
