@@ -46,7 +46,9 @@ def test_measures_skips_with_reasons_and_saves_a_loadable_artifact(mlp, tmp_path
     torch.testing.assert_close(predictor(x[:16]), model(x[:16]), rtol=1e-4, atol=1e-4)
     assert res.recipe_fragment.read_text().startswith("\n[optimize]")
     html = res.report.read_text()
-    assert "torchscript" in html and "eager" in html
+    assert (
+        "torchscript" in html and "eager" in html and "peak memory" in html and "Objective: latency" in html
+    )
     assert res.to_results()["skipped"]["eager+channels_last"] == skipped.why
 
 

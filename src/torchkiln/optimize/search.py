@@ -132,6 +132,7 @@ class CandidateResult:
     measured_latency_ms: float | None = None
     baseline_latency_ms: float | None = None
     latency_p90_ms: float | None = None
+    mean_ms: float | None = None
     throughput_gain: float | None = None
     rounds: int | None = None
     timing: str | None = None
@@ -159,10 +160,12 @@ class CandidateResult:
             "name": self.key,
             "latency_ms": {"p50": p50} if p50 is not None else {},
             "rounds": self.rounds,
-            "throughput_per_s": batch_size / (p50 / 1e3) if p50 else None,
+            # the sustained rate (mean call time) where measured, else the median's
+            "throughput_per_s": batch_size / ((self.mean_ms or p50) / 1e3) if (self.mean_ms or p50) else None,
             "throughput_gain": self.throughput_gain,
             "size_bytes": self.size_bytes,
             "memory_bytes": self.memory_bytes,
+            "peak_memory_bytes": self.memory_bytes,
             "accuracy": self.accuracy,
             "speedup_vs_baseline": self.speedup,
             "speedup_iqr": (self.speedup_q3 - self.speedup_q1)
@@ -594,6 +597,7 @@ def _run_candidate(
     base_t, cand_t = cmp.timings["baseline"], cmp.timings["candidate"]
     base_ms = base_t.p50 * 1e3
     speedup = 1.0 if cand == Candidate() else r.speedup
+    gain = 1.0 if cand == Candidate() else base_t.mean / cand_t.mean
     size = artifact_size(built.artifact)
     memory, memory_source = _memory(built, call, size, x)
     return CandidateResult(
@@ -610,7 +614,8 @@ def _run_candidate(
         measured_latency_ms=cand_t.p50 * 1e3,
         baseline_latency_ms=base_ms,
         latency_p90_ms=cand_t.p90 * 1e3,
-        throughput_gain=1.0 if cand == Candidate() else base_t.mean / cand_t.mean,
+        mean_ms=(base_res.mean_ms if base_res and base_res.mean_ms else base_t.mean * 1e3) / gain,
+        throughput_gain=gain,
         rounds=cmp.rounds,
         accuracy=accuracy,
         size_bytes=size,

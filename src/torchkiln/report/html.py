@@ -439,7 +439,12 @@ def _variant_rows(runs: list[Run]) -> dict[str, Any] | None:
                 notes.append(run.results[key])
         front = run.results.get("front")
         if isinstance(front, list) and front:
-            notes.append("Pareto front (speedup, accuracy, size): " + ", ".join(map(str, front)))
+            axis = {"throughput": "sustained rate", "size": "size", "memory": "memory"}.get(
+                str(run.results.get("objective")), "speedup"
+            )
+            notes.append(f"Pareto front ({axis}, accuracy, size): " + ", ".join(map(str, front)))
+            if isinstance(run.results.get("objective"), str):
+                notes.append(f"Objective: {run.results['objective']}.")
         if isinstance(run.results.get("accuracy_budget"), (int, float)):
             budget = 100 * run.results["accuracy_budget"]
             notes.append(f"Accuracy budget: {budget:g} points below the baseline.")
