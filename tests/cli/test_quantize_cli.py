@@ -103,7 +103,8 @@ def test_onnxruntime_on_a_zoo_model(app, tmp_path):
         (["mlp", "--method", "static", "--backend", "eager"], "applies to --method dynamic only"),
         (["no-such-model"], "is not a zoo model"),
         (["mlp", "--bits", "4"], "accepted: 8, or 4 with --method weight-only"),
-        (["weights.pt"], "without a recipe.json"),
+        (["weights.pt"], "weights.pt: no such file"),
+        (["mlp", "--set", "data.batch_size=8"], "--set overrides need a recipe (.toml)"),
         (["mlp", "--include", "encoder.*"], "matches no quantizable layer"),
     ],
 )
@@ -111,6 +112,18 @@ def test_errors_name_what_was_wrong(app, args, message):
     result = _run(app, ["quantize", *args, "--no-record"])
     assert result.exit_code != 0
     assert message in str(result.exception)
+
+
+def test_a_bare_weights_file_asks_for_the_model(app, tmp_path):
+    import torch
+
+    from torchkiln.zoo import create_model
+
+    weights = tmp_path / "weights.pt"
+    torch.save(create_model("mlp").state_dict(), weights)
+    result = _run(app, ["quantize", str(weights), "--no-record"])
+    assert result.exit_code != 0
+    assert "without a recipe.json" in str(result.exception) and "--weights" in str(result.exception)
 
 
 def test_help_lists_methods_and_backends(app):

@@ -3,105 +3,25 @@ artifact written, the before/after table printed and recorded in the history (ki
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-__all__ = ["ResolvedModel", "record_compress", "register", "resolve_model"]
+if TYPE_CHECKING:
+    from torchkiln.targets import Target
+
+__all__ = ["record_compress", "register", "resolve_model"]
 
 
-@dataclass
-class ResolvedModel:
-    """A model given on the command line, with what is needed to rebuild, feed and score it."""
+def resolve_model(target: str, *, weights: Path | None = None, overrides: Sequence[str] = ()) -> Target:
+    """The model ``kiln prune`` (and ``kiln distill``, for its recipe) is given: a zoo name, user code, a
+    recipe ``.toml`` (its data calibrates and scores), a training run or a pruned artifact ``.pt``."""
+    from torchkiln.targets import NAMED_KINDS, resolve_target
 
-    model: Any
-    name: str
-    model_ref: str | None
-    model_args: dict[str, Any]
-    input_fn: Any
-    train_data: Any = None
-    val_data: Any = None
-    recipe: Any = None
-    source: dict[str, Any] = field(default_factory=dict)
-
-
-def _load_state(model: Any, path: Path) -> None:
-    """``--weights``: a state_dict file or a training checkpoint (its model part)."""
-    from torchkiln.errors import KilnError
-    from torchkiln.export.models import load_weights
-
-    if not path.is_file():
-        raise KilnError(f"--weights {path}: no such file")
-    load_weights(model, path)
-
-
-def resolve_model(
-    target: str, *, weights: Path | None = None, overrides: list[str] | None = None
-) -> ResolvedModel:
-    """A zoo name, a recipe ``.toml`` (its data: calibration and evaluation) or a pruned artifact ``.pt``."""
-    from torchkiln.errors import KilnError
-
-    overrides = list(overrides or [])
-    if target.endswith(".toml"):
-        from torchkiln.cli.bench import bench_inputs_from_recipe
-        from torchkiln.recipe import load_recipe
-        from torchkiln.train.from_recipe import build_from_recipe
-
-        if not Path(target).is_file():
-            raise KilnError(f"recipe {target} does not exist")
-        rec = load_recipe(target, overrides)
-        model, train, val, filled = build_from_recipe(rec)
-        if weights is not None:
-            _load_state(model, weights)
-        return ResolvedModel(
-            model=model,
-            name=rec.name or Path(target).stem,
-            model_ref=rec.model.name,
-            model_args={**dict(rec.model.args), **filled},
-            input_fn=lambda bs: bench_inputs_from_recipe(train, bs),
-            train_data=train,
-            val_data=val,
-            recipe=rec,
-            source={"recipe": target, "weights": str(weights) if weights else None},
-        )
-    if overrides:
-        raise KilnError("--set overrides apply to recipes only; give a .toml recipe or drop --set")
-    if target.endswith(".pt"):
-        from torchkiln.compress.prune import ModelRef, load_pruned, read_pruned_metadata
-
-        if not Path(target).is_file():
-            raise KilnError(f"{target}: no such file")
-        model = load_pruned(target)
-        ref = ModelRef.from_dict(read_pruned_metadata(target)["model_ref"])
-        example = getattr(model, "example_inputs", None)
-        return ResolvedModel(
-            model=model,
-            name=Path(target).stem,
-            model_ref=ref.name,
-            model_args=dict(ref.args),
-            input_fn=example if callable(example) else None,
-            source={"pruned": target},
-        )
-    from torchkiln.zoo import create_model, list_models
-
-    if target not in list_models() and ":" not in target:
-        raise KilnError(
-            f"{target!r} is not a zoo model, a recipe (.toml) or a pruned artifact (.pt); zoo models: "
-            f"{', '.join(list_models())}"
-        )
-    model = create_model(target)
-    if weights is not None:
-        _load_state(model, weights)
-    example = getattr(model, "example_inputs", None)
-    return ResolvedModel(
-        model=model,
-        name=target,
-        model_ref=target,
-        model_args={},
-        input_fn=example if callable(example) else None,
-        source={"zoo": target, "weights": str(weights) if weights else None},
+    return resolve_target(
+        target, weights=weights, overrides=overrides, accept=NAMED_KINDS, command="kiln prune"
     )
 
 
@@ -131,7 +51,9 @@ def register(app: typer.Typer) -> None:
     def prune_command(
         target: str = typer.Argument(
             ...,
-            help="A zoo model name, a recipe .toml (its data calibrates and scores) or a pruned .pt file.",
+            help="A zoo model name, pkg.mod:fn or file.py:fn, a recipe .toml, a `kiln train` run (its "
+            "directory or model.pt) or a pruned .pt; recipes and runs (and pruned files made from them) "
+            "bring their data, which calibrates and scores.",
             show_default=False,
         ),
         weights: Path | None = typer.Option(
@@ -180,8 +102,8 @@ def register(app: typer.Typer) -> None:
 
         channels (default) removes channels, neurons and attention heads through Torch-Pruning's dependency
         graph, keeps the output layer, re-estimates BatchNorm on the recipe's training data and writes a
-        pruned artifact that `load_pruned` (and `kiln prune/distill`) read back. magnitude zeroes weights
-        and writes them in a sparse (CSR) format, the only way zeros take less space.
+        pruned artifact that `load_pruned` and every kiln command taking a model read back. magnitude
+        zeroes weights and writes them in a sparse (CSR) format, the only way zeros take less space.
         Fine-tune the result with `kiln distill`.
         """
         import copy
@@ -198,15 +120,9 @@ def register(app: typer.Typer) -> None:
             raise KilnError(f"--method {method!r} is unknown; accepted: channels, magnitude")
         if mode not in ("eager", "compile"):
             raise KilnError(f"--mode {mode!r} is unknown; accepted: eager, compile")
-        resolved = resolve_model(target, weights=weights, overrides=list(set_))
-        if resolved.input_fn is None:
-            raise KilnError(
-                f"{target}: no example inputs (the model has no example_inputs method); give a recipe so "
-                "inputs come from its data"
-            )
-        before = resolved.model.eval()
-        inputs = resolved.input_fn(batch_size)
-        inputs = inputs if isinstance(inputs, (tuple, list, dict)) else (inputs,)
+        resolved = resolve_model(target, weights=weights, overrides=set_)
+        before = resolved.model
+        inputs = resolved.example_inputs(batch_size)
         after = copy.deepcopy(before)
         out_path = out or Path("runs") / "prune" / f"{resolved.name}-{method}.pt"
         console.print(
@@ -229,9 +145,15 @@ def register(app: typer.Typer) -> None:
                     ignored=tuple(ignore),
                 )
                 prune(after, config, example_inputs=inputs, calibration=resolved.train_data)
-                if resolved.model_ref is None:
-                    raise KilnError(f"{target}: cannot record how to rebuild this model")
-                save_pruned(after, out_path, model_ref=resolved.model_ref, model_args=resolved.model_args)
+                # The recipe travels with the artifact, so what reads it back has the data too.
+                recipe = resolved.recipe.model_dump(mode="json") if resolved.recipe is not None else None
+                save_pruned(
+                    after,
+                    out_path,
+                    model_ref=resolved.model_ref,
+                    model_args=resolved.model_args,
+                    metadata={"recipe": recipe} if recipe is not None else None,
+                )
             else:
                 from torchkiln.compress.api import prune
                 from torchkiln.compress.sparse import MagnitudePrune, save_sparse
@@ -251,7 +173,7 @@ def register(app: typer.Typer) -> None:
             report = compare_models(
                 before,
                 after,
-                inputs if not isinstance(inputs, list) else tuple(inputs),
+                inputs,
                 eval_fn=_accuracy_fn(resolved.val_data),
                 artifacts={"before": before_path, "after": out_path},
                 mode=mode,  # type: ignore[arg-type]

@@ -3,8 +3,6 @@ the before/after table printed and recorded in the history (kind ``compress``)."
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,75 +12,6 @@ __all__ = ["METHODS", "register"]
 
 METHODS = ("dynamic", "static", "weight-only", "qat")
 BACKENDS = ("torchao", "eager", "onnxruntime")
-
-
-@dataclass
-class _Resolved:
-    model: Any
-    name: str
-    input_fn: Any
-    train_data: Any = None
-    val_data: Any = None
-    source: dict[str, Any] = field(default_factory=dict)
-
-
-def _resolve(target: str, weights: Path | None, overrides: list[str]) -> _Resolved:
-    """A zoo name, a recipe ``.toml`` or a ``kiln train`` run (its directory or ``model.pt`` beside
-    ``recipe.json``); recipes and runs bring their data (calibration, QAT and accuracy)."""
-    from torchkiln.errors import KilnError
-    from torchkiln.export.models import load_weights, run_dir_of
-
-    run_dir = run_dir_of(target)
-    if run_dir is not None or target.endswith(".toml"):
-        from torchkiln.cli.bench import bench_inputs_from_recipe
-        from torchkiln.recipe import load_recipe, validate_recipe
-        from torchkiln.train.from_recipe import build_from_recipe
-
-        if run_dir is not None:
-            source = run_dir / "recipe.json"
-            rec = validate_recipe(json.loads(source.read_text(encoding="utf-8")), str(source))
-            if overrides:
-                raise KilnError("--set overrides apply to recipes; a training run's recipe.json is fixed")
-            weights = weights or (Path(target) if Path(target).is_file() else run_dir / "model.pt")
-        else:
-            if not Path(target).is_file():
-                raise KilnError(f"recipe {target} does not exist")
-            rec = load_recipe(target, overrides)
-        model, train, val, _ = build_from_recipe(rec)
-        if weights is not None:
-            load_weights(model, weights)
-        name = rec.name or (run_dir.name if run_dir is not None else Path(target).stem)
-        return _Resolved(
-            model.eval(),
-            name,
-            lambda bs: bench_inputs_from_recipe(train, bs),
-            train,
-            val,
-            {"target": target, "weights": str(weights) if weights else None},
-        )
-    if overrides:
-        raise KilnError("--set overrides apply to recipes only; give a .toml recipe or drop --set")
-    if target.endswith((".pt", ".pth")):
-        raise KilnError(
-            f"{target} is a weights file without a recipe.json beside it, so its model is unknown: name the "
-            "model (a zoo name or a recipe) and pass the file with --weights"
-        )
-    from torchkiln.zoo import create_model, list_models
-
-    if target not in list_models() and ":" not in target:
-        raise KilnError(
-            f"{target!r} is not a zoo model, a recipe (.toml) or a training run (directory or model.pt with "
-            f"recipe.json); zoo models: {', '.join(list_models())}"
-        )
-    model = create_model(target)
-    if weights is not None:
-        load_weights(model, weights)
-    example = getattr(model, "example_inputs", None)
-    if not callable(example):
-        raise KilnError(
-            f"{target}: the model has no example_inputs(batch_size); quantize it through a recipe"
-        )
-    return _Resolved(model.eval(), target, example, source={"target": target, "weights": str(weights)})
 
 
 def _accuracy_fn(val_data: Any, batch_size: int) -> Any:
@@ -151,8 +80,9 @@ def register(app: typer.Typer) -> None:
     def quantize_command(
         target: str = typer.Argument(
             ...,
-            help="A zoo model name, a recipe .toml, or a `kiln train` run (its directory or model.pt); "
-            "recipes and runs bring their data for calibration, QAT and accuracy.",
+            help="A zoo model name, pkg.mod:fn or file.py:fn, a recipe .toml, a `kiln train` run (its "
+            "directory or model.pt) or a pruned .pt from `kiln prune`; recipes and runs (and pruned files "
+            "made from them) bring their data for calibration, QAT and accuracy.",
             show_default=False,
         ),
         method: str = typer.Option(
@@ -265,17 +195,20 @@ def register(app: typer.Typer) -> None:
             raise KilnError(f"--bits {bits}: accepted: 8, or 4 with --method weight-only")
         if backend != "torchao" and method != "dynamic":
             raise KilnError(f"--backend {backend} applies to --method dynamic only (got --method {method})")
-        resolved = _resolve(target, weights, list(set_))
+        from torchkiln.targets import NAMED_KINDS, resolve_target
+
+        resolved = resolve_target(
+            target, weights=weights, overrides=set_, accept=NAMED_KINDS, command="kiln quantize"
+        )
         before = resolved.model
-        inputs = resolved.input_fn(batch_size)
-        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else inputs
+        inputs = resolved.example_inputs(batch_size)
         calibration = None
         if method in ("static", "qat"):
             if resolved.train_data is None:
                 purpose = "calibration" if method == "static" else "training"
                 raise KilnError(
-                    f"--method {method} needs representative data ({purpose}): give a recipe (.toml) or a "
-                    f"training run instead of the zoo name {target!r}"
+                    f"--method {method} needs representative data ({purpose}): {target} brings none; give a "
+                    "recipe (.toml), a training run, or a pruned artifact made from one"
                 )
             from torch.utils.data import DataLoader
 
