@@ -305,7 +305,7 @@ def resolve_target(
     >>> resolve_target("mlp", overrides=["train.lr=0.1"])
     Traceback (most recent call last):
     ...
-    torchkiln.targets.TargetError: --set overrides need a recipe (.toml); mlp is a zoo model ...
+    torchkiln.targets.TargetError: --set overrides need a recipe (.toml); mlp is a zoo model
     """
     unknown = set(accept) - set(KINDS)
     if unknown:
