@@ -54,9 +54,9 @@ def test_kiln_optimize_recipe(tmp_path, monkeypatch):
     # finished candidates are cached in the history database; a second run measures nothing again
     cached = History().cache_get(f"optimize:{run.results['model_hash']}")
     assert len(cached) >= 3 and not (out / "optimize-cache.json").exists()
-    again = CliRunner().invoke(
-        app, args + ["--accuracy-budget", "2%", "--weights", str(out / "train" / "model.pt")]
-    )
+    # the training run the first search made is itself a target: its weights and data, no retraining
+    run_args = [str(out / "train")] + args[2:]
+    again = CliRunner().invoke(app, ["optimize"] + run_args + ["--accuracy-budget", "2%"])
     assert again.exit_code == 0, again.output
     assert "(cached)" in again.output
 
@@ -70,3 +70,11 @@ def test_parse_budget_and_duration_errors():
             assert "budget" in str(exc)
         else:
             raise AssertionError(bad)
+
+
+def test_kiln_optimize_refuses_targets_without_data(tmp_path):
+    res = CliRunner().invoke(app, ["optimize", "mlp", "--quick", "-o", str(tmp_path)])
+    said = res.output + str(res.exception)
+    assert res.exit_code != 0 and "zoo model, which kiln optimize does not take" in said and "recipe" in said
+    res = CliRunner().invoke(app, ["optimize", str(tmp_path / "missing.toml"), "-o", str(tmp_path)])
+    assert res.exit_code != 0 and "no such file" in res.output + str(res.exception)

@@ -76,7 +76,12 @@ def candidate_line(r: Any, rows: list[Any], budget: float) -> str:
 def register(app: typer.Typer) -> None:
     @app.command("optimize")
     def optimize_cmd(
-        recipe: Path = typer.Argument(..., help="TOML recipe (model + data).", show_default=False),
+        recipe: Path = typer.Argument(
+            ...,
+            help="A TOML recipe (model + data; trained first unless --weights), a kiln train run "
+            "(its directory or model.pt beside recipe.json), or a pruned artifact that carries its recipe.",
+            show_default=False,
+        ),
         accuracy_budget: str = typer.Option(
             "1%", "--accuracy-budget", "-b", help="Largest accuracy drop accepted: '1%', '0.5pt' or 0.01."
         ),

@@ -98,23 +98,31 @@ def optimize_recipe(
 ) -> tuple[OptimizeResult, str]:
     """Optimize a recipe's model for inference; returns ``(result, what the evaluator measures)``.
 
-    Without ``weights`` (a ``model.pt`` state dict or training checkpoint) the recipe is trained first
-    (``kiln train`` into ``<out_dir>/train``): optimizing random weights would measure nothing useful.
+    ``recipe``: a recipe ``.toml``, a ``kiln train`` run (its directory, or its ``model.pt`` beside
+    ``recipe.json``: the trained weights and the recipe's data) or a pruned artifact that carries its
+    recipe. A recipe without ``weights`` (a ``model.pt`` state dict or training checkpoint) is trained
+    first (``kiln train`` into ``<out_dir>/train``): optimizing random weights would measure nothing useful.
     """
-    from torchkiln.recipe import load_recipe
-    from torchkiln.train.from_recipe import build_from_recipe, train_recipe
+    from torchkiln.targets import resolve_target
+    from torchkiln.train.from_recipe import train_recipe
 
-    rec = load_recipe(recipe, overrides or [])
-    out = Path(out_dir) if out_dir is not None else Path("runs") / f"{rec.name or Path(recipe).stem}-optimize"
-    model, train, val, _ = build_from_recipe(rec)
-    if weights is not None:
-        from torchkiln.train.checkpoint import load_checkpoint, load_model_state
-
-        state = load_checkpoint(weights)
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]
-        load_model_state(model, state, weights)
-    else:
+    target = resolve_target(
+        str(recipe),
+        weights=weights,
+        overrides=list(overrides or []),
+        accept=("recipe", "run", "pruned"),
+        command="kiln optimize",
+    )
+    if target.train_data is None:
+        raise OptimizeError(
+            f"{recipe}: optimize needs the model's data (calibration, fine-tuning and the accuracy check); "
+            "this pruned artifact carries no recipe: give the recipe (.toml) or the training run instead"
+        )
+    rec = target.recipe
+    name = target.name or Path(recipe).stem
+    out = Path(out_dir) if out_dir is not None else Path("runs") / f"{name}-optimize"
+    model, train, val = target.model, target.train_data, target.val_data
+    if target.kind == "recipe" and weights is None:
         fit = train_recipe(rec, out_dir=out / "train", record=history is not None)
         model = fit.model
     model = model.cpu().eval()
@@ -128,7 +136,7 @@ def optimize_recipe(
         train_data=train,
         history=history,
         out_dir=out,
-        name=rec.name or Path(recipe).stem,
+        name=name,
         **kwargs,
     )
     return result, what
