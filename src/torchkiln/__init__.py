@@ -23,6 +23,8 @@ _LAZY = {
     "list_datasets": "torchkiln.zoo",
     "register_dataset": "torchkiln.zoo",
     "load_reference": "torchkiln.zoo",
+    "resolve_target": "torchkiln.targets",
+    "Target": "torchkiln.targets",
     # recipe
     "Recipe": "torchkiln.recipe",
     "TrainConfig": "torchkiln.recipe",
