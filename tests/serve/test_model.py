@@ -77,3 +77,26 @@ def test_a_missing_artifact_path_is_named_as_missing() -> None:
         load_served_model("nothere.onnx")
     with pytest.raises(KilnError, match="no such file"):
         load_served_model("runs/absent/model.pt")
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, shape",
+    [("resnet-tiny", {}, (1, 8, 8)), ("mlp", {"hidden": [32, 32]}, (64,))],
+)
+def test_a_pruned_artifact_serves_and_predicts_its_reshaped_model(
+    tmp_path: Path, name, kwargs, shape
+) -> None:
+    from torchkiln.compress.prune import ChannelPrune, save_pruned
+
+    torch.manual_seed(0)
+    x = torch.rand(2, *shape)
+    pruned = tk.prune(tk.create_model(name, **kwargs), ChannelPrune(ratio=0.5), example_inputs=x)
+    path = save_pruned(pruned, tmp_path / "pruned.pt", model_ref=name, model_args=kwargs)
+    batch = torch.rand(3, *shape)
+    with torch.no_grad():
+        want = pruned.eval()(batch)
+    served = load_served_model(str(path))
+    out = served.run_batch([{"x": row} for row in batch])
+    torch.testing.assert_close(torch.stack([o["output"] for o in out]), want)
+    predictor = tk.load_predictor(path)
+    torch.testing.assert_close(predictor(batch), want)

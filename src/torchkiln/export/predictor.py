@@ -351,13 +351,21 @@ def _eager_predictor(
 ) -> Predictor:
     from torchkiln.export.models import resolve_model, run_dir_of
     from torchkiln.export.spec import flatten_outputs, input_names_of
+    from torchkiln.targets import TargetError, target_kind
 
-    if model is None and run_dir_of(path) is None:
+    try:  # a pruned artifact (kiln prune / save_pruned) knows the model it re-shapes
+        pruned = model is None and target_kind(path) == "pruned"
+    except TargetError:
+        pruned = False
+    if model is None and run_dir_of(path) is None and not pruned:
         raise ExportError(
             f"{path} is a plain weights file: pass model= (zoo name, pkg.mod:fn, file.py:fn, recipe or "
             "nn.Module) so the predictor knows which model to build"
         )
-    module = resolve_model(path if model is None else model, model_args, weights=path)
+    if pruned:
+        module = resolve_model(path)
+    else:
+        module = resolve_model(path if model is None else model, model_args, weights=path)
     make = getattr(module, "example_inputs", None)
     specs: list[TensorSpec] = []
     outputs: list[str] = []

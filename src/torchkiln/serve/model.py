@@ -413,6 +413,15 @@ def _export_api() -> Any:
 _ARTIFACT_SUFFIXES = (".onnx", ".pt", ".pt2", ".pth", ".toml", ".json")
 
 
+def _is_pruned(path: Path) -> bool:
+    from torchkiln.targets import TargetError, target_kind
+
+    try:
+        return target_kind(path) == "pruned"
+    except TargetError:
+        return False
+
+
 def load_served_model(
     target: str,
     *,
@@ -456,12 +465,18 @@ def load_served_model(
                     served = _from_predictor(export.load_predictor(path), path.stem)
                     served.outputs = list(outputs) if outputs else None
                     return served
-        if model is None and run_dir is None:
+        if model is None and path.is_file() and _is_pruned(path):
+            # a pruned artifact (kiln prune) rebuilds its own re-shaped model
+            module = export.resolve_model(path)
+            label = path.stem
+        elif model is None and run_dir is None:
             raise KilnError(
                 f"{target} is a weights file: give the model that made it (--model NAME, e.g. --model "
                 "gpt-tiny with --model-arg for its arguments), or serve an exported artifact (kiln export)"
             )
-        if export is not None:
+        if module is not None:
+            pass
+        elif export is not None:
             # Eager modules keep their variable-length inputs (padded with a mask) here, which a
             # Predictor's fixed example shapes would not.
             module = export.resolve_model(path if model is None else model, args or None, weights=path)
