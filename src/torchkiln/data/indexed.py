@@ -508,9 +508,11 @@ def _read_index(idx_path: Path, *, check_crc: bool = True) -> tuple[dict[str, An
         raise bad(len(raw), f"file is truncated: {len(raw)} bytes, expected a {IDX_FIXED}-byte header")
     if raw[:8] != IDX_MAGIC:
         raise bad(0, f"expected magic {IDX_MAGIC!r}, found {raw[:8]!r} (not a torchkiln index)")
-    version, meta_len, crc, _ = struct.unpack("<IIII", raw[8:IDX_FIXED])
+    version, meta_len, crc, reserved = struct.unpack("<IIII", raw[8:IDX_FIXED])
     if version != FORMAT_VERSION:
         raise bad(8, f"format version {version}, this torchkiln reads version {FORMAT_VERSION}")
+    if reserved != 0:  # the header is outside the crc: a damaged reserved field is still damage
+        raise bad(20, f"reserved field is {reserved:#x}, expected 0 (the index header is corrupt)")
     if IDX_FIXED + meta_len > len(raw):
         raise bad(len(raw), f"file is truncated: metadata needs {IDX_FIXED + meta_len} bytes")
     if check_crc and zlib.crc32(raw[IDX_FIXED:]) != crc:
