@@ -367,3 +367,13 @@ def test_killed_writer_leaves_no_dataset_that_opens(tmp_path: Path, phase: str, 
         return
     with pytest.raises(DatasetFormatError):  # killed between the renames: nothing opens
         IndexedDataset(stem)
+
+
+def test_a_damaged_reserved_header_field_is_refused(tmp_path: Path) -> None:
+    stem, _ = _fresh(tmp_path, checksums=False)
+    idx = dataset_paths(stem)[1]
+    data = bytearray(idx.read_bytes())
+    data[21] ^= 1  # inside the reserved u32 at 20..24, which the index crc does not cover
+    idx.write_bytes(bytes(data))
+    with pytest.raises(DatasetFormatError, match=r"c\.idx: at byte 20: reserved field"):
+        IndexedDataset(stem)
