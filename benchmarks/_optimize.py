@@ -78,3 +78,34 @@ def optimize_record(
         },
         **extra,
     )
+
+
+def objective_figures(result: Any, rerun: Callable[[str], Any]) -> list[dict[str, Any]]:
+    """What the same search chooses under the other objectives. ``rerun(objective)`` runs ``tk.optimize``
+    again over the same cache, so nothing is measured twice (checked: a rerun that measures is refused)."""
+    b = result.baseline
+    out = []
+    for objective, key, value, of, unit in (
+        ("throughput", "throughput_choice_gain", "throughput_gain", None, "x"),
+        ("size", "size_choice_ratio", "size_bytes", b.size_bytes, ""),
+        ("memory", "memory_choice_ratio", "memory_bytes", b.memory_bytes, ""),
+    ):
+        again = rerun(objective)
+        if again.measured:
+            raise RuntimeError(f"the {objective} rerun measured {again.measured} candidate(s) again")
+        c = again.chosen or again.baseline
+        v = getattr(c, value)
+        ratio = v / of if (of and v is not None) else v
+        out.append(
+            figure(
+                key,
+                ratio,
+                note=f"--objective {objective} chooses {c.key}"
+                + ("" if again.chosen else " (nothing beats the baseline)")
+                + f": {c.speedup or 0:.2f}x median speedup, accuracy "
+                f"{100 * (c.accuracy_delta or 0):+.2f} pt, memory {c.memory_bytes or 0:,} B vs "
+                f"{b.memory_bytes or 0:,} B ({c.memory_source or '-'})",
+                unit=unit if unit != "x" else "",
+            )
+        )
+    return out

@@ -18,7 +18,7 @@ import tempfile
 from typing import Any
 
 from benchmarks._common import log, run_benchmark, use_private_inductor_cache
-from benchmarks._optimize import candidate_logger, chosen_figures, optimize_record
+from benchmarks._optimize import candidate_logger, chosen_figures, objective_figures, optimize_record
 
 BENCH = "optimize_resnet"
 THREADS = (1,)
@@ -40,10 +40,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     x, y = val.tensors
     with tempfile.TemporaryDirectory(prefix="kiln-bench-opt-") as tmp:
         log(f"[{BENCH}] optimize resnet-tiny 3x32x32, batch {bs}, budget 1 pt ...")
-        result = optimize(
-            model,
-            x[:bs],
-            accuracy_evaluator(x, y, bs),
+        kwargs: dict[str, Any] = dict(
+            model=model,
+            example_inputs=x[:bs],
+            evaluator=accuracy_evaluator(x, y, bs),
             accuracy_budget=0.01,
             batch_size=bs,
             train_data=train,
@@ -59,7 +59,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 BENCH, lambda r: f"{r.speedup:.2f}x acc {100 * (r.accuracy or 0):.2f}%"
             ),
         )
-    figures = chosen_figures(result, f"digits val ({len(x)} samples)", SPEEDUP_TARGET)
+        result = optimize(**kwargs)
+        # the same cache, ranked by the other objectives (nothing is measured again)
+        others = objective_figures(
+            result, lambda o: optimize(**{**kwargs, "objective": o, "on_result": None})
+        )
+    figures = chosen_figures(result, f"digits val ({len(x)} samples)", SPEEDUP_TARGET) + others
     met = "met" if figures[0]["met"] and figures[1]["met"] else "missed"
     return optimize_record(
         BENCH,
