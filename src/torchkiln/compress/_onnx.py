@@ -1,7 +1,9 @@
 """ONNX Runtime int8: export with the dynamo ONNX exporter, quantize dynamically with per-channel weights,
 run in an ``InferenceSession`` with an explicit thread count behind an ``nn.Module``-like wrapper.
 
-Only :mod:`torchkiln.compress.quantize` uses this module; it imports onnx/onnxruntime lazily.
+:func:`ort_session_options` is the one place torchkiln's ONNX Runtime sessions get their options (this
+module's wrapper and the exported-artifact predictor, :mod:`torchkiln.export.predictor`). Otherwise only
+:mod:`torchkiln.compress.quantize` uses this module; it imports onnx/onnxruntime lazily.
 """
 
 from __future__ import annotations
@@ -19,10 +21,57 @@ from torch import nn
 
 from torchkiln.compress.registry import TechniqueUnavailableError
 
-__all__ = ["OnnxRuntimeModule", "export_onnx", "layer_of_node", "quantize_onnx_dynamic"]
+__all__ = [
+    "OnnxRuntimeModule",
+    "export_onnx",
+    "layer_of_node",
+    "ort_session_options",
+    "quantize_onnx_dynamic",
+]
 
 # Linear layers become MatMul (+Add) or Gemm; convs Conv; these are what ORT's dynamic quantizer handles.
 _WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
+
+
+def ort_session_options(threads: int, *, optimization: str = "all", spin_after_run: bool = False) -> Any:
+    """The ``onnxruntime.SessionOptions`` of every session torchkiln opens: ``threads`` intra-op threads,
+    no inter-op pool (operators run in sequence), graph optimization ``optimization`` (``basic``,
+    ``extended`` or ``all``), warnings off.
+
+    Spinning: the pool threads spin between the operators of one ``run`` (parking them at every
+    operator, ``allow_spinning=0``, made a small CNN 1.3-1.7x slower at batch 1 with 2 threads) and stop
+    when ``run`` returns (``session.force_spinning_stop``). ONNX Runtime's default keeps a pool thread
+    spinning for 40-80 ms after every ``run``, on a core taken from whatever the process does next
+    (request handling in a server, a torch model timed after it: resnet-tiny eager at batch 32 read
+    2.4x slower) and from neighbours. Stopping costs the next ``run`` a wake-up of the pool, ~0.01-0.03
+    ms when runs come back to back (resnet-tiny, 2 threads: 0.08-0.09 -> 0.10-0.11 ms at batch 1,
+    ~1.0 -> ~1.1 ms at batch 32). ``spin_after_run=True`` gives ONNX Runtime's default back, for a
+    process that does nothing but ``run`` calls back to back.
+
+    >>> opts = ort_session_options(2)
+    >>> opts.intra_op_num_threads, opts.get_session_config_entry("session.force_spinning_stop")
+    (2, '1')
+    """
+    import onnxruntime as ort
+
+    levels = {
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    if optimization not in levels:
+        raise ValueError(f"optimization must be one of {', '.join(levels)}, got {optimization!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = levels[optimization]
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "0" if spin_after_run else "1")
+    return options
 
 
 def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -189,30 +238,19 @@ class OnnxRuntimeModule(nn.Module):
     """Runs an ONNX model in an ONNX Runtime ``InferenceSession`` (CPU) with a fixed thread count and
     returns torch tensors; called like the module it was exported from (positional or keyword inputs).
 
-    ``path`` is the ``.onnx`` file (its size is the artifact size). ``threads`` sets ``intra_op_num_threads``
-    (``inter_op_num_threads`` is 1). Spinning pool threads are left on (turning them off costs ~1.6x at
-    batch 1); leave a short idle gap after a call when timing it interleaved with torch.
+    ``path`` is the ``.onnx`` file (its size is the artifact size). The session's options are
+    :func:`ort_session_options` (``threads`` intra-op threads, pool threads spinning inside a call and
+    stopped when it returns).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, threads: int = 1, optimization: str = "all") -> None:
         super().__init__()
         import onnxruntime as ort
 
-        levels = {
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }
-        if optimization not in levels:
-            raise ValueError(f"optimization must be one of {', '.join(levels)}, got {optimization!r}")
+        options = ort_session_options(int(threads), optimization=optimization)
         self.path = Path(path)
         self.threads = int(threads)
         self.optimization = optimization
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = levels[optimization]
-        options.log_severity_level = 3
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]

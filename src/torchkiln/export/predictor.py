@@ -50,14 +50,15 @@ class PredictorInputError(ExportError, ValueError):
 
 
 def _ort_session(path: Path, threads: int) -> Any:
+    """An ONNX Runtime session on the CPU with torchkiln's session options (``ort_session_options``:
+    ``threads`` intra-op threads; the pool spins inside a call and stops when it returns, so a served
+    model leaves the cores to request handling between batches, and a predictor timed against torch
+    does not slow the torch calls that follow it)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
+    from torchkiln.compress._onnx import ort_session_options
+
+    options = ort_session_options(threads)
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 

@@ -6,6 +6,9 @@ discarded, every call timed on its own (CUDA synchronized before the clock is re
 IQR/median is under ``target_iqr`` or the time budget is spent, and variants compared inside one process
 in round-robin rounds whose order alternates (as given, reversed, as given, ...), each variant's time
 divided into the baseline's time of the same round. Speedups are the median of those per-round ratios.
+Thread pools that keep a core busy after a call returns (OpenMP workers spin ~10 ms after a parallel
+region) are measured, and the next variant is run untimed until they have gone quiet (see
+:func:`busy_after`), so no variant is timed against the previous one's spinning threads.
 
 >>> import torch
 >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +54,7 @@ __all__ = [
     "SweepPoint",
     "VariantResult",
     "bench",
+    "busy_after",
     "interleaved_compare",
     "is_out_of_memory",
     "resize_batch",
@@ -84,6 +90,74 @@ class Comparison:
     warmup: int
     converged: bool
     elapsed_s: float
+    # Per callable: seconds the callable that follows it ran untimed first (its threads' measured busy
+    # tail, see busy_after; 0 when its threads go quiet when it returns).
+    settle_s: dict[str, float] = field(default_factory=dict)
+
+
+# A slice of idle time in which this process used less than this share of one core is quiet (where
+# thread states cannot be read).
+_QUIET_SHARE = 0.3
+_SLICE_S = 0.002
+_MAX_TAIL_S = 0.1
+_SETTLE_MARGIN = 3.0
+
+
+def _other_threads_running() -> bool | None:
+    """Whether a thread of this process other than the calling one is running or waiting for a core
+    (state ``R`` in ``/proc/self/task/*/stat``); None where thread states cannot be read (not Linux)."""
+    me = threading.get_native_id()
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in tids:
+        if tid == str(me):
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # the thread has ended
+        end = stat.rfind(b")")  # the thread's name is in parentheses and may hold anything
+        if stat[end + 2 : end + 3] == b"R":
+            return True
+    return False
+
+
+def busy_after(slice_s: float = _SLICE_S, max_s: float = _MAX_TAIL_S, quiet_slices: int = 3) -> float:
+    """Seconds this process's other threads stay busy from now while the caller sleeps (call it right
+    after a call returns), read in ``slice_s`` slices; the tail ends where ``quiet_slices`` slices in a
+    row were quiet (at most ``max_s``).
+
+    Pool threads spin for a while after a call before they block: OpenMP workers (torch eager and
+    compiled code) ~10 ms after a parallel region, ONNX Runtime's ~40 ms after ``run`` unless the
+    session stops them (``session.force_spinning_stop``). A call timed right after another runtime's
+    call shares the cores with those spinning threads. A slice is busy when, at its end, another thread
+    of this process is running or runnable (Linux: its state in ``/proc``, which a neighbour taking the
+    cores does not change), else when the process used 30 % of a core in it.
+
+    >>> busy_after() < 0.05  # nothing of this doctest spins
+    True
+    """
+    start = time.perf_counter()
+    quiet_since: float | None = None
+    quiet = 0
+    while True:
+        t0, c0 = time.perf_counter(), time.process_time()
+        if t0 - start >= max_s:
+            return max_s
+        time.sleep(slice_s)
+        running = _other_threads_running()
+        if running is None:
+            running = time.process_time() - c0 >= _QUIET_SHARE * (time.perf_counter() - t0)
+        if running:
+            quiet_since, quiet = None, 0
+            continue
+        quiet_since = t0 if quiet_since is None else quiet_since
+        quiet += 1
+        if quiet >= quiet_slices:
+            return quiet_since - start
 
 
 def interleaved_compare(
@@ -98,10 +172,20 @@ def interleaved_compare(
     target_iqr: float = 0.05,
     max_time_s: float = 10.0,
     sync: Callable[[], None] | None = None,
+    settle: bool = True,
 ) -> Comparison:
     """Time several callables in rounds: every round calls each once, even rounds in the given order and
     odd rounds in reverse, so drift of a shared machine hits all of them alike. With one callable this is
     plain repeated timing.
+
+    Settling (``settle=True``): after the first call and the first two warm-up rounds, each callable's
+    busy tail is measured (:func:`busy_after`, the median of those three). When some callable leaves
+    threads busy, every time the next call is of another callable, that one first runs untimed, at least
+    once and for 3x the previous callable's tail, so it is timed with its own thread pool awake and
+    without the other's spinning threads (the next call stays slowed for 2-3x the time the threads are
+    seen spinning: on 2 cores, a small CNN at batch 32 ran as fast as in separate blocks from 3x on).
+    When none does (one thread; pure Python; ONNX Runtime sessions that stop their pool) nothing extra
+    runs. The time spent settling counts towards ``max_time_s``.
 
     Each callable is called once first (timed on its own as ``first_call_s``: compile time for compiled
     variants), then warm-up rounds are discarded: at least ``warmup`` of them and at least
@@ -130,14 +214,27 @@ def interleaved_compare(
     def timed(fn: Callable[[], Any]) -> float:
         return timed_call(fn, sync)
 
-    first = {name: timed(fns[name]) for name in names}
+    # Busy tails need more than one callable to matter (a callable's own tail is its steady state).
+    probing = settle and len(names) > 1
+    tails: dict[str, list[float]] = {name: [] for name in names}
+    if probing:
+        busy_after()  # let threads still busy from earlier work go quiet, so no tail is read into ours
+    first = {}
+    for name in names:
+        first[name] = timed(fns[name])
+        if probing:
+            tails[name].append(busy_after())
     orders = (names, names[::-1])
     warm_start, r = time.perf_counter(), 0
     while r < warmup or time.perf_counter() - warm_start < min_warmup_s:
         for name in orders[r % 2]:
             fns[name]()
+            if probing and r < 2:
+                tails[name].append(busy_after())
         r += 1
     warmup = r
+    settle_s = {name: _SETTLE_MARGIN * percentile(t, 50) if t else 0.0 for name, t in tails.items()}
+    settle_s = {name: s if s >= _SLICE_S else 0.0 for name, s in settle_s.items()}
 
     times: dict[str, list[float]] = {name: [] for name in names}
     others = [n for n in names if n != baseline]
@@ -145,9 +242,20 @@ def interleaved_compare(
     next_check = min_rounds
     start = time.perf_counter()
     rounds = 0
+    # With any busy tail, every switch runs the next callable untimed first: at least once (its own pool
+    # threads have gone to sleep while the other ran: one call wakes them) and for 3x the tail of the
+    # one before it (its spinning threads have stopped, and the cores settled, by then).
+    settling = any(settle_s.values())
+    previous: str | None = None
     while True:
         for name in orders[rounds % 2]:
+            if settling and previous is not None and previous != name:
+                settle_start = time.perf_counter()
+                fns[name]()
+                while time.perf_counter() - settle_start < settle_s[previous]:
+                    fns[name]()
             times[name].append(timed(fns[name]))
+            previous = name
         rounds += 1
         if rounds < min_rounds:
             continue
@@ -169,7 +277,7 @@ def interleaved_compare(
 
     timings = {n: TimingStats.from_times(times[n], warmup=warmup, converged=converged) for n in names}
     ratios = {n: _ratio_stats(times[baseline], times[n], warmup, converged) for n in names}
-    return Comparison(baseline, timings, ratios, first, rounds, warmup, converged, elapsed)
+    return Comparison(baseline, timings, ratios, first, rounds, warmup, converged, elapsed, settle_s)
 
 
 def _ratio_stats(times_a: list[float], times_b: list[float], warmup: int, converged: bool) -> RatioStats:
