@@ -41,12 +41,14 @@ def ort_session_options(threads: int, *, optimization: str = "all", spin_after_r
     Spinning: the pool threads spin between the operators of one ``run`` (parking them at every
     operator, ``allow_spinning=0``, made a small CNN 1.3-1.7x slower at batch 1 with 2 threads) and stop
     when ``run`` returns (``session.force_spinning_stop``). ONNX Runtime's default keeps a pool thread
-    spinning for 40-80 ms after every ``run``, on a core taken from whatever the process does next
-    (request handling in a server, a torch model timed after it: resnet-tiny eager at batch 32 read
-    2.4x slower) and from neighbours. Stopping costs the next ``run`` a wake-up of the pool, ~0.01-0.03
-    ms when runs come back to back (resnet-tiny, 2 threads: 0.08-0.09 -> 0.10-0.11 ms at batch 1,
-    ~1.0 -> ~1.1 ms at batch 32). ``spin_after_run=True`` gives ONNX Runtime's default back, for a
-    process that does nothing but ``run`` calls back to back.
+    spinning 40-80 ms after every ``run`` on a core taken from whatever the process does next (a torch
+    model timed after it: resnet-tiny eager at batch 32 read 2.2-2.4x slower) and from neighbours.
+    Stopping costs the next ``run`` a wake-up of the pool when runs come back to back (2 threads:
+    resnet-tiny 0.099 -> 0.109 ms at batch 1, 1.09 -> 1.17 ms at batch 32; a 0.016 ms MLP call 0.024
+    ms). Served sessions get the same options: a served request spends ~0.7 ms in HTTP handling, next to
+    which the wake-up is small, while a spinning pool would hold one of the cores that handling needs.
+    ``spin_after_run=True`` gives ONNX Runtime's default back, for a process that does nothing but
+    ``run`` calls back to back.
 
     >>> opts = ort_session_options(2)
     >>> opts.intra_op_num_threads, opts.get_session_config_entry("session.force_spinning_stop")
