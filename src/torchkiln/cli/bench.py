@@ -52,21 +52,12 @@ def _is_recipe(target: str) -> bool:
 def bench_inputs_from_recipe(train_data: Any, batch_size: int) -> Any:
     """Model inputs from a real batch: ``batch_size`` items of the dataset (cycling if it is smaller),
     collated, with the target dropped (the last element of a tuple, a target key of a dict)."""
-    from torch.utils.data import default_collate
+    from torchkiln.errors import KilnError
+    from torchkiln.targets import data_inputs
 
-    from torchkiln.train.loss import TARGET_KEYS
-
-    n = len(train_data)
-    if n == 0:
-        from torchkiln.errors import KilnError
-
+    if len(train_data) == 0:
         raise KilnError("the recipe's train split is empty: no batch to benchmark with")
-    batch = default_collate([train_data[i % n] for i in range(batch_size)])
-    if isinstance(batch, dict):
-        return {k: v for k, v in batch.items() if k not in TARGET_KEYS}
-    if isinstance(batch, (tuple, list)):
-        return tuple(batch[:-1]) if len(batch) > 1 else tuple(batch)
-    return batch
+    return data_inputs(train_data, batch_size)
 
 
 def _build(target: str, overrides: list[str]) -> tuple[Any, Any, int | None, str, str]:
