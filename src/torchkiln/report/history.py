@@ -242,23 +242,29 @@ class History:
             _dumps({k: str(v) for k, v in (artifacts or {}).items()}),
         )
         with self._connect() as conn:
-            for attempt in range(5):
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    conn.execute("INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
-                    conn.execute("COMMIT")
-                    break
-                except sqlite3.IntegrityError:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise HistoryError(f"a run with id {rid!r} already exists in {self.path}") from None
-                except sqlite3.OperationalError as exc:  # "database is locked" past the busy timeout
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    if "locked" not in str(exc) and "busy" not in str(exc) or attempt == 4:
-                        raise HistoryError(f"cannot write to {self.path}: {exc}") from None
-                    time.sleep(0.05 * (attempt + 1))
+            try:
+                self._write(conn, "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
+            except sqlite3.IntegrityError:
+                raise HistoryError(f"a run with id {rid!r} already exists in {self.path}") from None
         return rid
+
+    def _write(self, conn: sqlite3.Connection, statement: str, row: tuple[Any, ...]) -> None:
+        """``statement`` with ``row`` in one immediate transaction, rolled back on any error and retried
+        while the database stays locked past the busy timeout (other errors propagate)."""
+        for attempt in range(5):
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(statement, row)
+                conn.execute("COMMIT")
+                return
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if not isinstance(exc, sqlite3.OperationalError):
+                    raise
+                if "locked" not in str(exc) and "busy" not in str(exc) or attempt == 4:
+                    raise HistoryError(f"cannot write to {self.path}: {exc}") from None
+                time.sleep(0.05 * (attempt + 1))
 
     def get(self, run_id: str) -> Run:
         """The run with this id, or a unique id prefix, or ``kind:name`` for the newest such run.
@@ -360,18 +366,7 @@ class History:
         row = (namespace, key, datetime.now(timezone.utc).isoformat(timespec="seconds"), _dumps(value))
         with self._connect() as conn:
             conn.execute(_CACHE_SCHEMA)
-            for attempt in range(5):
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    conn.execute("INSERT OR REPLACE INTO cache VALUES (?,?,?,?)", row)
-                    conn.execute("COMMIT")
-                    return
-                except sqlite3.OperationalError as exc:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    if "locked" not in str(exc) and "busy" not in str(exc) or attempt == 4:
-                        raise HistoryError(f"cannot write to {self.path}: {exc}") from None
-                    time.sleep(0.05 * (attempt + 1))
+            self._write(conn, "INSERT OR REPLACE INTO cache VALUES (?,?,?,?)", row)
 
     def cache_clear(self, namespace: str | None = None) -> int:
         """Delete the entries of ``namespace`` (every namespace when None); return how many."""
